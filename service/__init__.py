@@ -1,0 +1,1 @@
+"""PixelCAM: service package."""
