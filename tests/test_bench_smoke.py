@@ -1,0 +1,99 @@
+"""The benchmark slide generator writes slides that both readers open, with the MPP, vendor and tissue asked for."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import cv2
+import numpy as np
+import openslide
+import pytest
+import tiffslide
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_make_slide() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_slide", REPO_ROOT / "bench" / "make_slide.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_slide"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+make_slide = _load_make_slide()
+
+
+def _write(tmp_path: Path, data_dir: Path, fmt: str, size: int, fraction: float, mpp: float) -> Path:
+    spec = make_slide.SlideSpec(
+        l0_size_wh=(size, size - 512),
+        tissue_fraction=fraction,
+        mpp=mpp,
+        tile=256,
+        quality=80,
+        fmt=fmt,
+        seed=3,
+    )
+    return make_slide.write_slide(tmp_path / f"synthetic.{fmt}", spec, data_dir=data_dir, max_cells=6)
+
+
+def _saturated_share(rgb: np.ndarray) -> float:
+    sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    return float((cv2.medianBlur(sat, 7) > 15).mean())
+
+
+def test_svs_opens_in_openslide_and_tiffslide_as_aperio(tmp_path: Path, data_dir: Path) -> None:
+    path = _write(tmp_path, data_dir, "svs", 4096, 0.3, 0.25)
+    osl, tsl = openslide.OpenSlide(str(path)), tiffslide.TiffSlide(path)
+    try:
+        assert osl.properties["openslide.vendor"] == "aperio"
+        assert tsl.properties["tiffslide.vendor"] == "aperio"
+        assert float(osl.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+        assert float(tsl.properties["tiffslide.mpp-x"]) == pytest.approx(0.25)
+        assert osl.properties["openslide.objective-power"] == "40"
+        assert osl.level_dimensions == ((4096, 3584), (1024, 896))
+        assert tsl.level_dimensions == osl.level_dimensions
+        assert "thumbnail" in osl.associated_images
+        overview = np.asarray(osl.read_region((0, 0), 1, osl.level_dimensions[1]).convert("RGB"))
+        assert _saturated_share(overview) == pytest.approx(0.3, abs=0.05)
+        # Same pixels through both readers: colours are decoded identically (YCbCr JPEG tiles).
+        for l0_xy in ((0, 0), (1792, 1536), (3840, 3328)):
+            a = np.asarray(osl.read_region(l0_xy, 0, (256, 256)).convert("RGB"))
+            b = np.asarray(tsl.read_region(l0_xy, 0, (256, 256)))[..., :3]
+            np.testing.assert_array_equal(a, b)
+    finally:
+        osl.close()
+        tsl.close()
+
+
+def test_generic_tiff_has_resolution_mpp_and_a_pyramid_in_both_readers(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    path = _write(tmp_path, data_dir, "tiff", 2560, 0.5, 0.5)
+    osl, tsl = openslide.OpenSlide(str(path)), tiffslide.TiffSlide(path)
+    try:
+        assert osl.properties["openslide.vendor"] == "generic-tiff"
+        assert float(osl.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        assert float(tsl.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
+        assert osl.level_dimensions == ((2560, 2048), (1280, 1024))
+        assert tsl.level_dimensions == osl.level_dimensions
+        level1 = np.asarray(osl.read_region((0, 0), 1, (1280, 1024)).convert("RGB"))
+        assert _saturated_share(level1) == pytest.approx(0.5, abs=0.06)
+        # The background is white-ish with light noise, the tissue is stained (H&E is pink/purple).
+        sat = cv2.cvtColor(level1, cv2.COLOR_RGB2HSV)[..., 1]
+        background, tissue = level1[sat < 10], level1[sat > 60]
+        assert background.mean() > 225 and 0.5 < background.std() < 6
+        assert tissue[:, 1].mean() < tissue[:, 0].mean() - 20
+    finally:
+        osl.close()
+        tsl.close()
+
+
+def test_refuses_impossible_parameters(tmp_path: Path, data_dir: Path) -> None:
+    spec = make_slide.SlideSpec((4096, 4096), 0.0, 0.5, 256, 80, "svs", 0)
+    with pytest.raises(make_slide.SlideGenerationError, match="--tissue-fraction"):
+        make_slide.write_slide(tmp_path / "x.svs", spec, data_dir=data_dir)
