@@ -1,0 +1,200 @@
+"""`ModelConfig`: the frozen description of a PixelCAM network; it travels with every checkpoint and export.
+
+No torch here: the service imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from model.errors import ModelConfigError
+
+__all__ = [
+    "ENCODER_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OUTPUT_STRIDES",
+    "VIT_INPUT_SIZE",
+    "ModelConfig",
+    "config_sha256",
+]
+
+logger = logging.getLogger(__name__)
+
+ENCODER_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "vit_tiny")
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
+VIT_INPUT_SIZE = 224
+VIT_OUTPUT_STRIDE = 16
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+RGB = tuple[int, int, int]
+
+
+def _rgb(value: Any, what: str) -> RGB:
+    """Return `value` as an (r, g, b) tuple of ints in 0..255, else raise."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or len(value) != 3
+        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
+    ):
+        raise ModelConfigError(f"{what} must be an RGB triplet of three ints in 0..255, got {value!r}")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _triplet(value: Any, what: str, *, positive: bool) -> tuple[float, float, float]:
+    """Return `value` as three finite floats (strictly positive when asked), else raise."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ModelConfigError(f"{what} must be three floats (one per RGB channel), got {value!r}")
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ModelConfigError(f"{what} must be three floats, got {value!r}") from err
+    if not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
+        raise ModelConfigError(f"{what} must be finite{' and > 0' if positive else ''}, got {value!r}")
+    return (out[0], out[1], out[2])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a PixelCAM network and feed it (defaults: the paper's GlaS setting)."""
+
+    encoder_name: str = "resnet18"
+    encoder_width: float = 1.0  # channel multiplier; 1.0 = the published architecture
+    output_stride: int = 8
+    class_names: tuple[str, ...] = ("benign", "malignant")
+    class_colors: tuple[RGB, ...] = ((46, 139, 87), (220, 20, 60))
+    positive_class: str = "malignant"
+    foreground_name: str = "Gland"
+    foreground_color: RGB = (255, 140, 0)
+    input_size: int = 224  # S: tiles are S x S model-input pixels
+    input_mpp: float = 1.0  # microns per model-input pixel
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    cls_head_dropout: float = 0.1  # Dropout2d on the features before the image head, training only
+
+    def __post_init__(self) -> None:
+        """Normalise sequence fields to tuples and validate everything."""
+        set_ = object.__setattr__
+        if isinstance(self.class_names, str) or not isinstance(self.class_names, Sequence):
+            raise ModelConfigError(f"class_names must be a list of names, got {self.class_names!r}")
+        set_(self, "class_names", tuple(self.class_names))
+        if isinstance(self.class_colors, str) or not isinstance(self.class_colors, Sequence):
+            raise ModelConfigError(f"class_colors must be a list of RGB triplets, got {self.class_colors!r}")
+        set_(self, "class_colors", tuple(_rgb(c, f"class_colors[{i}]") for i, c in enumerate(self.class_colors)))
+        set_(self, "foreground_color", _rgb(self.foreground_color, "foreground_color"))
+        set_(self, "mean", _triplet(self.mean, "mean", positive=False))
+        set_(self, "std", _triplet(self.std, "std", positive=True))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Raise `ModelConfigError` naming the first invalid field and how to fix it (encoder fields here)."""
+        if self.encoder_name not in ENCODER_NAMES:
+            raise ModelConfigError(
+                f"unknown encoder_name {self.encoder_name!r}; choose one of {', '.join(ENCODER_NAMES)}"
+            )
+        if not isinstance(self.encoder_width, int | float) or not 0.0 < float(self.encoder_width) <= 4.0:
+            raise ModelConfigError(f"encoder_width must be a float in (0, 4], got {self.encoder_width!r}")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ModelConfigError(
+                f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}"
+            )
+        if self.encoder_name == "vit_tiny":
+            if self.output_stride != VIT_OUTPUT_STRIDE:
+                raise ModelConfigError(
+                    f"vit_tiny has patch size 16, so output_stride must be 16 (got {self.output_stride})"
+                )
+            if self.input_size != VIT_INPUT_SIZE:
+                raise ModelConfigError(
+                    f"vit_tiny has a 14x14 position embedding, so input_size must be 224 (got {self.input_size})"
+                )
+        self._validate_labels_and_scale()
+
+    def _validate_labels_and_scale(self) -> None:
+        """Validate input size, classes, colours, foreground, mpp and dropout."""
+        if not isinstance(self.input_size, int) or self.input_size < 32 or self.input_size % 32:
+            raise ModelConfigError(f"input_size must be a multiple of 32 and >= 32, got {self.input_size!r}")
+        if len(self.class_names) < 2 or not all(isinstance(n, str) and n for n in self.class_names):
+            raise ModelConfigError(f"class_names needs at least two non-empty names, got {self.class_names!r}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ModelConfigError(f"class_names must be unique, got {self.class_names!r}")
+        if len(self.class_colors) != len(self.class_names):
+            raise ModelConfigError(
+                f"class_colors has {len(self.class_colors)} colours for {len(self.class_names)} classes; "
+                "give one RGB triplet per class"
+            )
+        if self.positive_class not in self.class_names:
+            raise ModelConfigError(
+                f"positive_class {self.positive_class!r} is not one of class_names {list(self.class_names)}"
+            )
+        if not isinstance(self.foreground_name, str) or not self.foreground_name:
+            raise ModelConfigError("foreground_name must be a non-empty string (e.g. 'Gland' or 'Tumor')")
+        if not isinstance(self.input_mpp, int | float) or not 0.01 <= float(self.input_mpp) <= 100.0:
+            raise ModelConfigError(f"input_mpp must be in [0.01, 100] microns per pixel, got {self.input_mpp!r}")
+        if not isinstance(self.cls_head_dropout, int | float) or not 0.0 <= self.cls_head_dropout < 1.0:
+            raise ModelConfigError(f"cls_head_dropout must be in [0, 1), got {self.cls_head_dropout!r}")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of image classes K."""
+        return len(self.class_names)
+
+    @property
+    def positive_index(self) -> int:
+        """Index of `positive_class` in `class_names`."""
+        return self.class_names.index(self.positive_class)
+
+    @property
+    def fm_size(self) -> int:
+        """Side of the output feature map in cells (S / output_stride)."""
+        return self.input_size // self.output_stride
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists instead of tuples) that `from_dict` reads back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Build a config from `to_dict()` output; unknown keys are refused."""
+        if not isinstance(data, Mapping):
+            raise ModelConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelConfigError(
+                f"unknown model config keys {unknown}; known keys are {sorted(known)} "
+                "(was this written by a newer version of pixelcam?)"
+            )
+        kwargs = dict(data)
+        for key in ("class_names", "class_colors", "mean", "std", "foreground_color"):
+            value = kwargs.get(key)
+            if isinstance(value, list):
+                kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ModelConfigError(f"cannot build a ModelConfig from {dict(data)!r}: {err}") from err
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 of a config dict in canonical JSON (sorted keys; non-JSON values written with `str`)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
