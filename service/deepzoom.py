@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol
@@ -16,6 +18,7 @@ from xml.sax.saxutils import quoteattr
 
 import cv2
 import numpy as np
+import tifffile
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ __all__ = [
     "HeatmapSource",
     "SlideTileSource",
     "TileOutOfRangeError",
+    "TiffHeatmap",
     "TileRegion",
     "UnknownColormapError",
     "best_level_for_downsample",
@@ -199,6 +203,7 @@ def render_slide_tile(slide: SlideTileSource, geometry: DeepZoomGeometry, dz_lev
 def colormap_lut(name: str) -> np.ndarray:
     """The named colour map as a read-only (256, 3) uint8 RGB table."""
     ramp = np.arange(256, dtype=np.uint8)
+    lut: np.ndarray
     if name == "gray":
         lut = np.repeat(ramp[:, None], 3, axis=1)
     elif name in _CV2_COLORMAPS:
@@ -338,3 +343,60 @@ class ArrayHeatmap:
         x, y = hml_xy
         w, h = hml_size_wh
         return self._levels[level][y:y + h, x:x + w]
+
+
+def decode_stored_heatmap(values: np.ndarray) -> np.ndarray:
+    """Stored uint8 heatmap values (0 = not analysed, 1..255 = 1 + 254 p) as float32 with NaN."""
+    stored = np.asarray(values)
+    if stored.dtype != np.uint8:
+        return stored.astype(np.float32)  # a float heatmap carries NaN itself
+    probs = (stored.astype(np.float32) - 1.0) / 254.0
+    probs[stored == 0] = np.nan
+    return probs
+
+
+class TiffHeatmap:
+    """The pyramidal heatmap TIFF of a finished job, read region by region (tifffile + zarr, thread-safe)."""
+
+    def __init__(self, path: str | os.PathLike[str], hm_downsample: float) -> None:
+        import zarr
+
+        if not hm_downsample > 0:
+            raise DeepZoomError(f"hm_downsample must be positive, got {hm_downsample}")
+        self._hm_downsample = float(hm_downsample)
+        self._lock = threading.Lock()
+        try:
+            self._tif = tifffile.TiffFile(path)
+            levels = self._tif.series[0].levels
+            self._arrays = [zarr.open_array(self._tif.aszarr(level=i), mode="r") for i in range(len(levels))]
+        except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
+            raise DeepZoomError(f"cannot read the heatmap TIFF {path}: {err}; re-run the job to rewrite it") from err
+        self._sizes_wh = [(int(a.shape[1]), int(a.shape[0])) for a in self._arrays]
+
+    @property
+    def hm_downsample(self) -> float:
+        return self._hm_downsample
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        base_w, base_h = self._sizes_wh[0]
+        out = []
+        for i, (w, h) in enumerate(self._sizes_wh):
+            # levels written by 2x2 halving cover exactly 2^i base cells each, whatever the ceil rounding
+            halved = (w, h) == (-(-base_w // (1 << i)), -(-base_h // (1 << i)))
+            out.append(float(1 << i) if halved else base_w / w)
+        return tuple(out)
+
+    def level_size_wh(self, level: int) -> tuple[int, int]:
+        return self._sizes_wh[level]
+
+    def read_box(self, level: int, hml_xy: tuple[int, int], hml_size_wh: tuple[int, int]) -> np.ndarray:
+        x, y = hml_xy
+        w, h = hml_size_wh
+        with self._lock:
+            values = np.asarray(self._arrays[level][y:y + h, x:x + w])
+        return decode_stored_heatmap(values)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._tif.close()

@@ -243,3 +243,86 @@ def test_encoded_tiles_decode_back() -> None:
     assert jpeg[:2] == b"\xff\xd8"
     decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
     assert np.abs(decoded.astype(int) - (200, 30, 40)).max() < 12
+
+
+def test_tiff_heatmap_matches_the_array_it_was_written_from(tmp_path: Path) -> None:
+    from service.deepzoom import TiffHeatmap, decode_stored_heatmap
+    from service.stitching import HeatmapBand, HeatmapGrid, write_heatmap_tiff
+
+    grid = HeatmapGrid((9000, 5000), 8.0)  # 1125 x 625 cells: a 3-level TIFF pyramid
+    hm_w, hm_h = grid.hm_size_wh
+    rng = np.random.default_rng(0)
+    prob = rng.random((hm_h, hm_w), dtype=np.float32)
+    covered = np.ones((hm_h, hm_w), dtype=bool)
+    covered[100:300, 200:500] = False
+    path = tmp_path / "heatmap.tif"
+    write_heatmap_tiff(path, [HeatmapBand(0, prob, covered)], grid, l0_mpp=0.5, description="test")
+    tiff = TiffHeatmap(path, 8.0)
+    assert tiff.level_size_wh(0) == (hm_w, hm_h)
+    assert tiff.level_downsamples[:3] == (1.0, 2.0, 4.0)
+    stored = np.where(covered, 1 + np.rint(prob * 254), 0).astype(np.uint8)
+    reference = ArrayHeatmap(decode_stored_heatmap(stored), 8.0)
+    geo = DeepZoomGeometry(grid.l0_size_wh)
+    for z, col, row in [(geo.max_level, 7, 3), (geo.max_level, 35, 19), (geo.max_level - 2, 2, 1)]:
+        got = render_overlay_tile(tiff, geo, z, col, row, threshold=0.0)
+        want = render_overlay_tile(reference, geo, z, col, row, threshold=0.0)
+        assert (got == want).all(), f"tile {z}/{col}_{row} differs"
+    # tile (8, 4) at full resolution spans l0 x 2031..2287, y 1015..1271: inside the uncovered block
+    # (cells x 200..500, y 100..300 = l0 x 1600..4000, y 800..2400)
+    assert (render_overlay_tile(tiff, geo, geo.max_level, 8, 4, threshold=0.0)[..., 3] == 0).all()
+    assert (render_overlay_tile(tiff, geo, geo.max_level, 7, 3, threshold=0.0)[:39, :, 3] == 255).all()
+    # zoomed out the two pyramids (TIFF halving vs nan-mean) agree on coverage and nearly on colour
+    z = geo.max_level - 4
+    got = render_overlay_tile(tiff, geo, z, 1, 0, cmap="gray", threshold=0.0)
+    want = render_overlay_tile(reference, geo, z, 1, 0, cmap="gray", threshold=0.0)
+    assert (got[..., 3] == want[..., 3]).all()
+    assert np.abs(got[..., 0].astype(int) - want[..., 0].astype(int)).max() <= 2
+    tiff.close()
+
+
+def test_slide_tiles_match_openslide_deepzoom(slides_dir: Path) -> None:
+    openslide = pytest.importorskip("openslide")
+    from openslide.deepzoom import DeepZoomGenerator
+
+    from service.deepzoom import render_slide_tile
+    from service.slides import open_slide
+
+    path = slides_dir / "CMU-1-Small-Region.svs"
+    with open_slide(path) as slide, openslide.OpenSlide(str(path)) as osr:
+        geo = DeepZoomGeometry(slide.info.l0_size_wh)
+        ref = DeepZoomGenerator(osr, tile_size=254, overlap=1, limit_bounds=False)
+        for z, col, row in [(12, 0, 0), (12, 4, 5), (12, 8, 11), (11, 2, 3), (9, 0, 0), (5, 0, 0)]:
+            ours = render_slide_tile(slide, geo, z, col, row)
+            theirs = np.asarray(ref.get_tile(z, (col, row)).convert("RGB"))
+            assert ours.shape == theirs.shape
+            diff = np.abs(ours.astype(int) - theirs.astype(int))
+            # same pixels at full resolution; resampling filters differ a little when zoomed out
+            assert diff.mean() < (0.5 if z == 12 else 6.0), f"tile {z}/{col}_{row}: mean diff {diff.mean():.2f}"
+
+
+def test_slide_tiles_read_the_best_pyramid_level(slides_dir: Path) -> None:
+    from service.deepzoom import render_slide_tile
+    from service.slides import open_slide
+
+    with open_slide(slides_dir / "boxes_pyramid.tiff", mpp_override=1.0) as slide:  # its tags say 72 dpi
+        calls: list[tuple[int, tuple[int, int]]] = []
+        real_read = slide.read_region
+
+        def spy(l0_xy: tuple[int, int], level: int, lvl_size_wh: tuple[int, int]) -> np.ndarray:
+            calls.append((level, tuple(lvl_size_wh)))
+            return real_read(l0_xy, level, lvl_size_wh)
+
+        slide.read_region = spy  # type: ignore[method-assign]
+        geo = DeepZoomGeometry(slide.info.l0_size_wh)  # 300 x 250 -> top level 9
+        downsamples = slide.info.level_downsamples
+        for z in range(geo.level_count):
+            calls.clear()
+            tile = render_slide_tile(slide, geo, z, 0, 0)
+            assert tile.shape[:2] == geo.tile_region(z, 0, 0).dz_size_wh[::-1]
+            (level, lvl_wh), = calls
+            d = 2 ** (geo.max_level - z)
+            assert downsamples[level] <= d * 1.001, "read a coarser level than the tile's scale"
+            finer_ok = [i for i, ds in enumerate(downsamples) if ds <= d * 1.001]
+            assert level == max(finer_ok), "did not use the coarsest level that is still fine enough"
+            l0_w = geo.tile_region(z, 0, 0).l0_size_wh[0]
+            assert lvl_wh[0] == math.ceil(l0_w / downsamples[level])
