@@ -1,0 +1,195 @@
+"""Every shared slide opens or is refused with its specific reason; MPP provenance; generated edge cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from service.slides import MissingMppError, SlideError, UnsupportedSlideError, open_slide
+from tests.service._synth import tissue_image, write_pyramid
+
+# name -> (l0_size_wh, level count, mpp_x, mpp_source, backend, vendor)
+OPENS = {
+    "CMU-1-Small-Region.svs": ((2220, 2967), 1, 0.499, "openslide.mpp-x", "openslide", "aperio"),
+    "small_16x16.svs": ((16, 16), 1, 0.499, "openslide.mpp-x", "openslide", "aperio"),
+    "dicom_boxes/boxes_0.dcm": ((16, 16), 1, 0.499, "openslide.mpp-x", "openslide", "dicom"),
+    "dicom_boxes/boxes_1.dcm": ((16, 16), 1, 0.499, "openslide.mpp-x", "openslide", "dicom"),
+    "dicom_camelyon16_lowres/multiframe_camelyon_challenge_image.dcm":
+        ((1152, 700), 1, 28.969, "openslide.mpp-x", "openslide", "dicom"),
+}
+# name -> (error type, code, words the message must contain)
+REFUSED = {
+    "small_vectra.qptiff": (UnsupportedSlideError, "fluorescence", ["fluorescence", "not a brightfield"]),
+    "dicom_pathml_small/small_dicom.dcm": (UnsupportedSlideError, "non-conformant-dicom",
+                                           ["non-conformant DICOM", "ImageType", "pixel spacing"]),
+    "boxes_pyramid.tiff": (MissingMppError, None, ["352.8", "72 dpi", "--mpp", "`mpp`"]),
+    "kidney-48-5.tif": (MissingMppError, None, ["no microns-per-pixel", "--mpp", "`mpp`"]),
+}
+
+
+def _all_shared_slides(slides_dir: Path) -> set[str]:
+    """Every slide file in the shared folder, relative to it."""
+    return {p.relative_to(slides_dir).as_posix() for p in slides_dir.rglob("*") if p.is_file()}
+
+
+def test_every_shared_slide_is_classified(slides_dir: Path) -> None:
+    assert _all_shared_slides(slides_dir) == set(OPENS) | set(REFUSED)
+
+
+@pytest.mark.parametrize("name", sorted(OPENS))
+def test_shared_slide_opens(slides_dir: Path, name: str) -> None:
+    size_wh, n_levels, mpp, source, backend, vendor = OPENS[name]
+    with open_slide(slides_dir / name) as slide:
+        info = slide.info
+        assert info.l0_size_wh == size_wh
+        assert info.level_count == n_levels
+        assert info.mpp_x == pytest.approx(mpp, rel=1e-4)
+        assert info.mpp_source == source
+        assert (info.backend, info.vendor) == (backend, vendor)
+        assert json.loads(json.dumps(info.to_dict()))["l0_size_wh"] == list(size_wh)
+        region = slide.read_region((0, 0), 0, (8, 8))
+        assert region.shape == (8, 8, 3) and region.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_shared_slide_refused_with_reason(slides_dir: Path, name: str) -> None:
+    err_type, code, words = REFUSED[name]
+    with pytest.raises(err_type) as info:
+        open_slide(slides_dir / name)
+    for word in words:
+        assert word in str(info.value)
+    if code is not None:
+        assert info.value.code == code
+
+
+def test_dicom_series_folder_opens(slides_dir: Path) -> None:
+    with open_slide(slides_dir / "dicom_boxes") as slide:
+        assert slide.info.format == "dicom" and slide.info.l0_size_wh == (16, 16)
+
+
+@pytest.mark.parametrize(("name", "backend"), [("kidney-48-5.tif", "tiffslide"), ("boxes_pyramid.tiff", "openslide")])
+def test_mpp_override_opens_missing_or_absurd_mpp(slides_dir: Path, name: str, backend: str) -> None:
+    with open_slide(slides_dir / name, mpp_override=0.25) as slide:
+        assert (slide.info.mpp_x, slide.info.mpp_y, slide.info.mpp_source) == (0.25, 0.25, "override")
+        assert slide.info.backend == backend
+
+
+def test_override_wins_over_metadata_and_absurd_override_refused(slides_dir: Path) -> None:
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs", mpp_override=0.25) as slide:
+        assert slide.info.mpp_source == "override" and slide.info.mpp_x == 0.25
+    with pytest.raises(MissingMppError, match="outside the plausible range"):
+        open_slide(slides_dir / "CMU-1-Small-Region.svs", mpp_override=500.0)
+
+
+def test_cmu_metadata(slides_dir: Path) -> None:
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as slide:
+        assert slide.info.objective_power == 20.0
+        assert slide.info.bounds is None
+        assert slide.info.quickhash == slide.properties["openslide.quickhash-1"]
+
+
+def test_read_region_matches_openslide_and_pads_white(slides_dir: Path) -> None:
+    path = slides_dir / "CMU-1-Small-Region.svs"
+    with open_slide(path) as slide, openslide.OpenSlide(str(path)) as ref:
+        ours = slide.read_region((1000, 1200), 0, (64, 48))
+        theirs = np.asarray(ref.read_region((1000, 1200), 0, (64, 48)))[..., :3]
+        np.testing.assert_array_equal(ours, theirs)
+        edge = slide.read_region((2200, 2950), 0, (40, 40))
+        assert (edge[20:, :] == 255).all() and (edge[:, 20:] == 255).all()
+        assert edge[:17, :20].mean() < 250
+        with pytest.raises(SlideError, match="level 3"):
+            slide.read_region((0, 0), 3, (4, 4))
+
+
+def test_thumbnail_keeps_aspect(slides_dir: Path) -> None:
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as slide:
+        thumb = slide.thumbnail((256, 256))
+        assert thumb.shape == (256, 192, 3)  # 2220 x 256 / 2967 = 191.5
+        assert 100 < thumb.mean() < 250
+
+
+# generated cases ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("unit", "mpp"), [("CENTIMETER", 0.5), ("INCH", 0.25), ("MILLIMETER", 1.0)])
+def test_generated_pyramid_mpp_from_resolution_tags(tmp_path: Path, unit: str, mpp: float) -> None:
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(512, 384), unit=unit, mpp=mpp)
+    with open_slide(path) as slide:
+        assert slide.info.mpp_x == pytest.approx(mpp, rel=1e-5)
+        assert slide.info.mpp_source in {"openslide.mpp-x", "tiff.XResolution"}
+        assert slide.info.level_sizes_wh == ((512, 384), (256, 192), (128, 96))
+
+
+def test_generated_pyramid_without_resolution_needs_override(tmp_path: Path) -> None:
+    path = write_pyramid(tmp_path / "nores.tif", tissue_image(256, 256), mpp=None)
+    with pytest.raises(MissingMppError, match="--mpp"):
+        open_slide(path)
+    with open_slide(path, mpp_override=0.5) as slide:
+        assert slide.info.mpp_source == "override"
+
+
+def test_subifd_pyramid_uses_tiffslide_levels(tmp_path: Path) -> None:
+    path = write_pyramid(tmp_path / "sub.tif", tissue_image(512, 256), subifds=True)
+    with open_slide(path) as slide:
+        assert slide.info.backend == "tiffslide"
+        assert slide.info.level_count == 3
+        assert slide.info.mpp_source == "tiff.XResolution"
+        region = slide.read_region((400, 200), 1, (100, 100))  # runs past the level's edge
+        assert region.shape == (100, 100, 3)
+        assert (region[30:, :] == 255).all() and (region[:, 60:] == 255).all()
+
+
+def test_png_refused_as_not_a_slide(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(UnsupportedSlideError, match="PNG image, not a whole-slide image") as info:
+        open_slide(data_dir / "images" / "skimage_ihc.png")
+    assert info.value.code == "not-a-slide"
+
+
+def test_empty_and_random_files_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    with pytest.raises(UnsupportedSlideError, match="empty") as info:
+        open_slide(empty)
+    assert info.value.code == "empty-file"
+    noise = tmp_path / "noise.svs"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(UnsupportedSlideError, match="not a recognised slide format") as info:
+        open_slide(noise)
+    assert info.value.code == "not-a-slide"
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_truncated_svs_refused(tmp_path: Path, slides_dir: Path, fraction: float) -> None:
+    data = (slides_dir / "CMU-1-Small-Region.svs").read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(UnsupportedSlideError, match="truncated") as info:
+        open_slide(cut)
+    assert info.value.code == "truncated"
+
+
+def test_missing_path_and_folder_without_slides(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match="does not exist"):
+        open_slide(tmp_path / "nope.svs")
+    with pytest.raises(UnsupportedSlideError, match="folder without .dcm"):
+        open_slide(tmp_path)
+
+
+def test_large_striped_tiff_refused_as_not_tiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tifffile
+
+    import service.slides as slides
+
+    path = tmp_path / "striped.tif"
+    tifffile.imwrite(path, tissue_image(300, 200), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:  # small striped images are accepted
+        assert slide.info.l0_size_wh == (300, 200)
+    monkeypatch.setattr(slides, "MAX_UNTILED_PX", 50_000)
+    with pytest.raises(UnsupportedSlideError, match="not tiled") as info:
+        open_slide(path)
+    assert info.value.code == "not-tiled"
