@@ -1,0 +1,182 @@
+"""`TrainConfig`: every knob of a training run; filled from an optional YAML file, then CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("baseline", "cams", "pixelcam", "evaluate", "export", "all")
+
+
+class ConfigError(ValueError):
+    """A training configuration value is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    """The resolved configuration of one run (written to `<run_dir>/config.yaml`)."""
+
+    # data
+    dataset: str = "glas"  # "glas" or "folder" (root/{train,test}/<class>/*.png + root/masks/<class>/)
+    data_dir: str = ""  # default: $PIXELCAM_DATA_DIR/glas for glas
+    source_mpp: float = 0.62005  # µm/px of the stored images (GlaS: 20x scans)
+    max_images: int = 0  # > 0: keep only this many train-subset and test-subset images each (tests)
+    valcl_frac: float = 0.2
+    valpx_per_class: int = 3
+    # model
+    encoder_name: str = "resnet18"
+    encoder_width: float = 0.5
+    output_stride: int = 8
+    input_size: int = 224
+    input_mpp: float = 1.0
+    class_names: tuple[str, ...] = ("benign", "malignant")
+    positive_class: str = "malignant"
+    foreground_name: str = "Gland"
+    cls_head_dropout: float = 0.1
+    pretrained: str = ""  # optional local state dict (torchvision key names); nothing is downloaded
+    # optimisation (shared by both stages: same budget for the baseline and PixelCAM)
+    batch_size: int = 16
+    epochs: int = 30  # stage 1 epochs
+    pixelcam_epochs: int = 30  # stage 3 epochs
+    lr: float = 1e-3
+    pixelcam_lr: float = 1e-4
+    head_lr_ratio: float = 10.0  # layer4 + heads (pixel head included) in stage 3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    jitter: float = 0.3
+    eval_every: int = 2
+    # PixelCAM
+    cam_method: str = "cam"  # "cam" or "layercam"
+    n_fg: int = 5
+    n_bg: int = 5
+    bg_area_frac: float = 0.2
+    pixel_lambda: float = 1.0
+    low_res: bool = False
+    # run
+    seed: int = 0
+    threads: int = 2
+    stage: str = "all"
+    run_dir: str = "runs/default"
+    resume: str = ""
+    export_name: str = "pixelcam-glas-resnet18.onnx"
+    copy_to: str = ""  # also copy the exported .onnx here (e.g. model/weights/)
+    quick: bool = False
+
+    def validate(self) -> None:
+        """Raise ConfigError when values cannot work together."""
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.dataset not in ("glas", "folder"):
+            raise ConfigError(f"dataset must be 'glas' or 'folder', got {self.dataset!r}")
+        if self.cam_method not in ("cam", "layercam"):
+            raise ConfigError(f"cam_method must be 'cam' or 'layercam', got {self.cam_method!r}")
+        if self.positive_class not in self.class_names:
+            raise ConfigError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
+        if not 0 < self.bg_area_frac <= 1:
+            raise ConfigError(f"bg_area_frac must be in (0, 1], got {self.bg_area_frac}")
+        for name in ("batch_size", "threads", "input_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def sha256(self) -> str:
+        """Hash of the settings that shape the model (run bookkeeping excluded)."""
+        skip = {"stage", "run_dir", "resume", "copy_to", "threads"}
+        payload = {k: v for k, v in self.to_dict().items() if k not in skip}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+QUICK_OVERRIDES: dict[str, Any] = {
+    "encoder_width": 0.125,
+    "max_images": 8,
+    "epochs": 1,
+    "pixelcam_epochs": 1,
+    "batch_size": 4,
+    "eval_every": 1,
+    "warmup_epochs": 0,
+    "valpx_per_class": 1,
+}
+
+
+def _base_type(tp: Any) -> Any:
+    """The concrete type behind an annotation such as `float` or `tuple[str, ...]`."""
+    origin = typing.get_origin(tp)
+    if origin is types.UnionType:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return origin or tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argparse parser with one flag per TrainConfig field (defaults None so YAML values survive)."""
+    parser = argparse.ArgumentParser(description="Train, evaluate and export PixelCAM (see docs/training.md).")
+    parser.add_argument("--config", help="YAML file with TrainConfig fields (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif tp is tuple:
+            parser.add_argument(flag, nargs="+", default=None)
+        else:
+            parser.add_argument(flag, type=tp, default=None)
+    return parser
+
+
+def resolve_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then `--quick`, then the YAML file, then explicit flags."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if args.get("quick"):
+        values.update(QUICK_OVERRIDES)
+    config_path = args.pop("config")
+    if config_path:
+        values.update(load_yaml(Path(config_path)))
+        if values.get("quick"):
+            values = {**QUICK_OVERRIDES, **values}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return make_config(values)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping of TrainConfig fields."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
+    return data
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate a TrainConfig, refusing unknown keys."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; valid keys are the TrainConfig fields: {sorted(known)}")
+    hints = typing.get_type_hints(TrainConfig)
+    coerced = {k: tuple(v) if _base_type(hints[k]) is tuple else v for k, v in values.items()}
+    cfg = TrainConfig(**coerced)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,303 @@
+"""The recipe's stages, each reading and writing only inside the run directory.
+
+Layout: `splits.json`, `config.yaml`, `baseline/`, `cams/`, `pixelcam/`, `evaluate/`, `export/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import load_checkpoint
+from model.config import ModelConfig
+from model.encoders import load_pretrained
+from model.network import PixelCAM, build_model
+from training.config import TrainConfig
+from training.data import (
+    GLAS_CLASSES,
+    DatasetError,
+    Record,
+    Sample,
+    default_data_dir,
+    load_folder_dataset,
+    load_glas,
+    load_samples,
+    make_splits,
+)
+from training.evaluate import evaluate_split
+from training.metrics import THRESHOLDS
+from training.report import fmt, read_report, table, training_summary, write_report
+from training.train import map_mode, train_stage
+
+logger = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run because an earlier stage's output is missing or inconsistent."""
+
+
+@dataclass
+class RunContext:
+    """The run directory, configs, records and splits, with samples loaded on first use."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    mcfg: ModelConfig
+    records: list[Record]
+    splits: dict[str, list[str]]
+    _cache: dict[str, list[Sample]] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """Resampling factor from the stored images to the model's input_mpp."""
+        return self.cfg.source_mpp / self.cfg.input_mpp
+
+    def samples(self, split: str) -> list[Sample]:
+        """The split's images at the model's scale (cached)."""
+        if split not in self._cache:
+            t0 = time.perf_counter()
+            self._cache[split] = load_samples(self.records, self.splits[split], scale=self.scale)
+            logger.info("loaded %d %s images in %.1f s", len(self._cache[split]), split, time.perf_counter() - t0)
+        return self._cache[split]
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The ModelConfig the run trains (GlaS colours by default)."""
+    return ModelConfig(
+        encoder_name=cfg.encoder_name,
+        encoder_width=cfg.encoder_width,
+        output_stride=cfg.output_stride,
+        class_names=tuple(cfg.class_names),
+        class_colors=((46, 139, 87), (220, 20, 60)) if len(cfg.class_names) == 2 else _colors(len(cfg.class_names)),
+        positive_class=cfg.positive_class,
+        foreground_name=cfg.foreground_name,
+        input_size=cfg.input_size,
+        input_mpp=cfg.input_mpp,
+        cls_head_dropout=cfg.cls_head_dropout,
+    )
+
+
+def _colors(n: int) -> tuple[tuple[int, int, int], ...]:
+    rng = np.random.default_rng(0)
+    return tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n))  # type: ignore[misc]
+
+
+def prepare_run(cfg: TrainConfig) -> RunContext:
+    """Create the run dir, read the dataset, and make (or reuse) the deterministic splits."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.dataset == "glas":
+        root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir() / "glas"
+        if tuple(cfg.class_names) != GLAS_CLASSES:
+            raise DatasetError(f"GlaS has classes {GLAS_CLASSES}; remove class_names from the config")
+        records = load_glas(root)
+    else:
+        if not cfg.data_dir:
+            raise DatasetError("dataset 'folder' needs --data-dir pointing at root/{train,test}/<class>/")
+        records = load_folder_dataset(Path(cfg.data_dir), tuple(cfg.class_names))
+    if cfg.max_images > 0:
+        records = _subsample(records, cfg.max_images, cfg.seed)
+    splits_path = run_dir / "splits.json"
+    if splits_path.is_file():
+        splits = json.loads(splits_path.read_text())
+        logger.info("reusing %s", splits_path)
+    else:
+        splits = make_splits(records, seed=cfg.seed, valcl_frac=cfg.valcl_frac, valpx_per_class=cfg.valpx_per_class)
+        splits_path.write_text(json.dumps(splits, indent=1) + "\n")
+    logger.info("splits: %s", {k: len(v) for k, v in splits.items()})
+    return RunContext(cfg, run_dir, model_config(cfg), records, splits)
+
+
+def _subsample(records: list[Record], n: int, seed: int) -> list[Record]:
+    """At most `n` train-subset and `n` test-subset records, balanced over classes (for quick runs)."""
+    rng = np.random.default_rng(seed)
+    keep: list[Record] = []
+    for subset in ("train", "test"):
+        by_label: dict[int, list[Record]] = {}
+        for r in records:
+            if r.subset == subset:
+                by_label.setdefault(r.label, []).append(r)
+        per = max(1, n // max(1, len(by_label)))
+        for group in by_label.values():
+            keep += [group[i] for i in sorted(rng.permutation(len(group))[:per])]
+    return keep
+
+
+def _resume_payload(cfg: TrainConfig, stage: str) -> tuple[PixelCAM, dict[str, Any]] | None:
+    """The model and optimiser state to resume `stage` from, when --resume names a checkpoint of it."""
+    if not cfg.resume:
+        return None
+    model, _, payload = load_checkpoint(cfg.resume)
+    extra = payload.get("extra", {})
+    if extra.get("stage") != stage:
+        return None
+    return model, extra
+
+
+def run_baseline(ctx: RunContext) -> dict[str, Any]:
+    """Stage 1: train the WSOL baseline (image CE only) from scratch or a local pretrained state dict."""
+    return _train(ctx, "baseline", init=None, cams=None)
+
+
+def run_pixelcam(ctx: RunContext) -> dict[str, Any]:
+    """Stage 3: PixelCAM joint training from the stage-1 best_classification checkpoint and stored CAMs."""
+    init = ctx.run_dir / "baseline" / "best_classification.pt"
+    cams = load_cams(ctx.run_dir / "cams" / "cams.npz")
+    return _train(ctx, "pixelcam", init=init, cams=cams)
+
+
+def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.seed)
+    resumed = _resume_payload(cfg, stage)
+    resume_extra = None
+    if resumed is not None:
+        model, resume_extra = resumed
+    elif init is not None:
+        if not init.is_file():
+            raise StageError(f"{init} not found: run --stage baseline first (same --run-dir)")
+        model, _, _ = load_checkpoint(init)
+    else:
+        model = build_model(ctx.mcfg)
+        if cfg.pretrained:
+            report = load_pretrained(model.encoder, cfg.pretrained)
+            logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, report)
+    valpx = set(ctx.splits["valpx"])
+    state = train_stage(
+        model,
+        model.config,
+        cfg,
+        stage=stage,
+        train=ctx.samples("train"),
+        valcl=ctx.samples("valcl"),
+        valpx_names=valpx,
+        out_dir=ctx.run_dir / stage,
+        cams=cams,
+        resume=resume_extra,
+    )
+    report = {
+        "stage": stage,
+        "map_mode": map_mode(stage, cfg),
+        "init": str(init) if init else ("pretrained:" + cfg.pretrained if cfg.pretrained else "scratch"),
+        "epochs": state.epoch,
+        "train_images": state.train_images,
+        "train_time_s": state.train_time_s,
+        "train_images_per_s": state.train_images / max(state.train_time_s, 1e-9),
+        "wall_s": time.perf_counter() - t0,
+        "best_classification_epoch": state.best_acc_epoch,
+        "best_valcl_acc": state.best_acc,
+        "best_localization_epoch": state.best_pxap_epoch,
+        "best_valpx_pxap": state.best_pxap,
+        "history": state.history,
+    }
+    write_report(ctx.run_dir / stage, report, training_summary(stage, report))
+    return report
+
+
+def run_cams(ctx: RunContext) -> dict[str, Any]:
+    """Stage 2: the baseline's CAMs (true label, min-max per image, fm resolution) of the training images."""
+    t0 = time.perf_counter()
+    ckpt = ctx.run_dir / "baseline" / "best_localization.pt"
+    if not ckpt.is_file():
+        raise StageError(f"{ckpt} not found: run --stage baseline first (same --run-dir)")
+    model, mcfg, _ = load_checkpoint(ckpt)
+    samples = ctx.samples("train")
+    res = evaluate_split(
+        model, samples, mode=ctx.cfg.cam_method, stride=mcfg.output_stride, mean=mcfg.mean, std=mcfg.std,
+        keep_maps=True,
+    )
+    out = ctx.run_dir / "cams"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "cams.npz", **{k: v.astype(np.float16) for k, v in res.maps.items()})
+    wall = time.perf_counter() - t0
+    report = {
+        "stage": "cams",
+        "checkpoint": str(ckpt),
+        "cam_method": ctx.cfg.cam_method,
+        "n_images": len(res.maps),
+        "images_per_s": len(res.maps) / max(wall, 1e-9),
+        "wall_s": wall,
+        "train_pxap_of_cams": res.counts.pxap() if res.n_masked else None,
+    }
+    summary = (
+        f"# Stage cams\n\n{len(res.maps)} training-image CAMs ({ctx.cfg.cam_method}, true label, min-max "
+        f"normalised, float16 at feature resolution) from `{ckpt.name}` in {fmt(wall, 1)} s "
+        f"({fmt(report['images_per_s'])} images/s). PxAP of these CAMs on the training masks (a diagnostic of "
+        f"seed quality, never used for selection): {fmt(report['train_pxap_of_cams'])} %."
+    )
+    write_report(out, report, summary)
+    return report
+
+
+def load_cams(path: Path) -> dict[str, np.ndarray]:
+    """Stored CAMs by image name."""
+    if not path.is_file():
+        raise StageError(f"{path} not found: run --stage cams first (same --run-dir)")
+    with np.load(path) as data:
+        return {k: data[k].astype(np.float32) for k in data.files}
+
+
+def evaluate_checkpoint(ctx: RunContext, ckpt: Path, mode: str) -> dict[str, Any]:
+    """valcl accuracy, valpx PxAP and τ (max mIoU on valpx), then test metrics at that τ."""
+    if not ckpt.is_file():
+        raise StageError(f"{ckpt} not found: run the training stages first (same --run-dir)")
+    model, mcfg, _ = load_checkpoint(ckpt)
+    kw: dict[str, Any] = {"mode": mode, "stride": mcfg.output_stride, "mean": mcfg.mean, "std": mcfg.std}
+    val = evaluate_split(model, ctx.samples("valcl"), pixel_names=set(ctx.splits["valpx"]), **kw)
+    tau_idx = val.counts.best_index()
+    test_samples = ctx.samples("test")
+    test = evaluate_split(model, tqdm(test_samples, desc=f"test {ckpt.parent.name}", leave=False), **kw)
+    return {
+        "checkpoint": str(ckpt),
+        "map_mode": mode,
+        "tau": float(THRESHOLDS[tau_idx]),
+        "valcl": {"accuracy": val.accuracy},
+        "valpx": val.summary(tau_idx),
+        "test": test.summary(tau_idx),
+    }
+
+
+def run_evaluate(ctx: RunContext) -> dict[str, Any]:
+    """The acceptance table: baseline vs PixelCAM (best_localization checkpoints) on the test split."""
+    t0 = time.perf_counter()
+    rd = ctx.run_dir
+    results = {
+        "baseline": evaluate_checkpoint(ctx, rd / "baseline" / "best_localization.pt", ctx.cfg.cam_method),
+        "pixelcam": evaluate_checkpoint(ctx, rd / "pixelcam" / "best_localization.pt", "pixel"),
+    }
+    wall = time.perf_counter() - t0
+    n_test = len(ctx.splits["test"])
+    report = {"stage": "evaluate", "wall_s": wall, "n_test": n_test, "results": results}
+    rows = []
+    for name, r in results.items():
+        t = r["test"]
+        rows.append([name, r["map_mode"], t["accuracy"], t.get("pxap"), t.get("dice_fg"), t.get("miou"), r["tau"],
+                     r["valpx"].get("pxap"), r["valcl"]["accuracy"]])
+    verdict = results["pixelcam"]["test"].get("pxap", 0) > results["baseline"]["test"].get("pxap", 0)
+    report["pixelcam_beats_baseline_pxap"] = bool(verdict)
+    summary = "\n\n".join(
+        [
+            "# Stage evaluate: baseline vs PixelCAM on the test split",
+            f"{n_test} test images, each run whole at the model's scale. Checkpoints: best_localization "
+            "(valpx PxAP) of each stage. τ maximises mIoU on valpx and is then applied to test; PxAP needs no τ.",
+            table(["model", "map", "test acc %", "test PxAP %", "test Dice fg %", "test mIoU %", "τ (valpx)",
+                   "valpx PxAP %", "valcl acc %"], rows),
+            f"PixelCAM beats the baseline's test PxAP: **{'yes' if verdict else 'no'}**. Wall time {fmt(wall, 1)} s.",
+        ]
+    )
+    write_report(rd / "evaluate", report, summary)
+    return report
+
+
+def stage_wall_times(run_dir: Path) -> dict[str, Any]:
+    """Wall seconds of each stage that has a report."""
+    return {s: read_report(run_dir / s).get("wall_s") for s in ("baseline", "cams", "pixelcam", "evaluate", "export")}
