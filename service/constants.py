@@ -1,0 +1,51 @@
+"""Redis key names, queue names, job states and default timings of the service shell (one place, as arq does)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Every key lives under a prefix (settings.redis_prefix) so that several deployments or test runs can share
+# one Redis server. The names below are the part after "<prefix>:".
+STREAM_KEY: Final = "stream"  # Redis Stream of work messages (plan, chunk, finalize); never pixels
+GROUP_NAME: Final = "workers"  # the one consumer group every worker joins
+JOBS_INDEX_KEY: Final = "jobs"  # sorted set: job_id -> created_at (s)
+JOB_KEY: Final = "job:{job_id}"  # hash: state, counts, timings, model, parameters, error
+JOB_DONE_KEY: Final = "job:{job_id}:done:{generation}"  # set of finished chunk ids for one run of the job
+JOB_FAILURES_KEY: Final = "job:{job_id}:failures:{generation}"  # hash: chunk id -> failed attempts
+JOB_FINALIZE_FLAG_KEY: Final = "job:{job_id}:finalize:{generation}"  # SET NX: the finalize message went out
+STATS_KEY: Final = "stats"  # hash: counters the workers publish for /metrics
+WORKERS_KEY: Final = "workers:alive"  # sorted set: consumer name -> last heartbeat (s)
+
+# Message kinds on the stream.
+MSG_PLAN: Final = "plan"
+MSG_CHUNK: Final = "chunk"
+MSG_FINALIZE: Final = "finalize"
+
+# Job states.
+STATE_QUEUED: Final = "queued"
+STATE_RUNNING: Final = "running"
+STATE_STITCHING: Final = "stitching"
+STATE_DONE: Final = "done"
+STATE_FAILED: Final = "failed"
+STATE_CANCELLED: Final = "cancelled"
+JOB_STATES: Final = (STATE_QUEUED, STATE_RUNNING, STATE_STITCHING, STATE_DONE, STATE_FAILED, STATE_CANCELLED)
+TERMINAL_STATES: Final = frozenset({STATE_DONE, STATE_FAILED, STATE_CANCELLED})
+
+# Default timings (seconds unless the name says otherwise); settings may override them.
+CLAIM_IDLE_S: Final = 60.0  # a message unacknowledged this long belongs to a dead worker and is reclaimed
+HEARTBEAT_S: Final = 10.0  # a running worker refreshes its message's idle time this often
+BLOCK_MS: Final = 1000  # how long XREADGROUP waits for new messages
+MAX_ATTEMPTS: Final = 3  # deliveries/failures of one message before the job is marked failed
+EVENTS_POLL_S: Final = 0.5  # how often the server-sent-event stream looks at the job
+WORKER_ALIVE_TTL_S: Final = 60.0  # a worker not seen for this long is not counted as alive
+
+# Upload and storage.
+UPLOAD_CHUNK_BYTES: Final = 1 << 20
+SLIDES_DIR: Final = "slides"
+JOBS_DIR: Final = "jobs"
+MODELS_DIR: Final = "models"
+REDIS_DIR: Final = "redis"
+DEFAULT_MODEL_FILE: Final = "DEFAULT"  # inside the models dir: the name of the default model, one line
+
+# Histogram buckets (seconds) of the inference latency per batch, shared by workers and /metrics.
+LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

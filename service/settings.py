@@ -1,0 +1,77 @@
+"""Service settings: one pydantic-settings class read from `PIXELCAM_*` environment variables."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service import constants
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Everything the API, the workers and `pixelcam serve` read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PIXELCAM_", extra="ignore", frozen=True, populate_by_name=True)
+
+    redis_url: str = Field("", description="Redis to join; empty: `pixelcam serve` starts a private one")
+    redis_prefix: str = Field("pixelcam", description="prefix of every Redis key (several deployments per server)")
+    storage_dir: Path = Field(Path("var"), description="shared storage: slides/, jobs/, models/, redis/")
+    models_dir_override: Path | None = Field(
+        None,
+        validation_alias="PIXELCAM_MODELS_DIR",
+        description="directory of .onnx models; default <storage_dir>/models (seeded with the demo model)",
+    )
+    default_model: str = Field("", description="model served when a job names none; empty: the demo model")
+    max_upload_bytes: int = Field(20 * 1024**3, gt=0, description="largest accepted slide upload")
+    workers: int = Field(1, ge=0, description="local worker processes started by `pixelcam serve`")
+    host: str = Field("127.0.0.1", description="address the API binds")
+    port: int = Field(8000, ge=1, le=65535, description="port the API binds")
+    chunk_size: int = Field(64, gt=0, description="tiles per queue message")
+    batch_size: int = Field(16, gt=0, description="tiles per inference batch")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per worker; 0: onnxruntime decides")
+    claim_idle_s: float = Field(constants.CLAIM_IDLE_S, gt=0, description="idle time after which a chunk is redone")
+    heartbeat_s: float = Field(constants.HEARTBEAT_S, gt=0, description="how often a busy worker says it is alive")
+    max_attempts: int = Field(constants.MAX_ATTEMPTS, gt=0, description="tries of one chunk before the job fails")
+    block_ms: int = Field(constants.BLOCK_MS, gt=0, description="how long a worker waits on an empty queue")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of entrypoints")
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or any(ch in value for ch in " {}*?"):
+            raise ValueError("PIXELCAM_REDIS_PREFIX must be a non-empty name without spaces, braces or wildcards")
+        return value
+
+    @property
+    def models_dir(self) -> Path:
+        """The models directory: `PIXELCAM_MODELS_DIR`, else `<storage_dir>/models`."""
+        return self.models_dir_override or self.storage_dir / constants.MODELS_DIR
+
+    @property
+    def slides_dir(self) -> Path:
+        """Where uploaded slides live: `<storage_dir>/slides/<sha256>/`."""
+        return self.storage_dir / constants.SLIDES_DIR
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where job outputs live: `<storage_dir>/jobs/<job_id>/`."""
+        return self.storage_dir / constants.JOBS_DIR
+
+    def key(self, name: str, **fields: object) -> str:
+        """A Redis key: the prefix plus one of the names in `service.constants`, formatted with `fields`."""
+        return f"{self.redis_prefix}:{name.format(**fields)}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
