@@ -41,6 +41,10 @@ def _write(tmp_path: Path, data_dir: Path, fmt: str, size: int, fraction: float,
     return make_slide.write_slide(tmp_path / f"synthetic.{fmt}", spec, data_dir=data_dir, max_cells=6)
 
 
+def _atlas_rng() -> np.random.Generator:
+    return np.random.default_rng([3, 0])  # the generator's own atlas seed for seed 3
+
+
 def _saturated_share(rgb: np.ndarray) -> float:
     sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
     return float((cv2.medianBlur(sat, 7) > 15).mean())
@@ -60,11 +64,21 @@ def test_svs_opens_in_openslide_and_tiffslide_as_aperio(tmp_path: Path, data_dir
         assert "thumbnail" in osl.associated_images
         overview = np.asarray(osl.read_region((0, 0), 1, osl.level_dimensions[1]).convert("RGB"))
         assert _saturated_share(overview) == pytest.approx(0.3, abs=0.05)
-        # Same pixels through both readers: colours are decoded identically (YCbCr JPEG tiles).
-        for l0_xy in ((0, 0), (1792, 1536), (3840, 3328)):
+        # Same pixels through both readers, and the colours that were rendered (up to JPEG loss): a YCbCr/RGB
+        # mix-up in the tiles would be off by tens of levels.
+        spec = make_slide.SlideSpec((4096, 3584), 0.3, 0.25, 256, 80, "svs", 3)
+        renderer = make_slide.SlideRenderer(spec, make_slide.build_atlas(data_dir, 0.25, 6, _atlas_rng()))
+        sat = cv2.cvtColor(overview, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32)
+        lvl_y, lvl_x = np.unravel_index(np.argmax(cv2.blur(sat, (64, 64))), sat.shape)
+        in_tissue = (int(lvl_x) * 4 - 128, int(lvl_y) * 4 - 128)
+        for l0_xy in ((0, 0), in_tissue, (3840, 3328)):
             a = np.asarray(osl.read_region(l0_xy, 0, (256, 256)).convert("RGB"))
             b = np.asarray(tsl.read_region(l0_xy, 0, (256, 256)))[..., :3]
             np.testing.assert_array_equal(a, b)
+            rendered = renderer.render(1, l0_xy, (256, 256)).astype(np.float32)
+            assert np.abs(a.astype(np.float32) - rendered).mean(axis=(0, 1)).max() < 4.0
+        tissue = np.asarray(osl.read_region(in_tissue, 0, (256, 256)).convert("RGB"))
+        assert _saturated_share(tissue) > 0.9
     finally:
         osl.close()
         tsl.close()
