@@ -149,19 +149,20 @@ class Slide:
         out_wh = (max(1, round(l0_w * scale)), max(1, round(l0_h * scale)))
         return self.read_scaled(out_wh)
 
-    def read_scaled(self, out_wh: tuple[int, int]) -> np.ndarray:
-        """The whole level-0 frame resized to exactly `out_wh`, read in bands from the best level."""
+    def read_scaled(self, out_wh: tuple[int, int], l0_region_wh: tuple[float, float] | None = None) -> np.ndarray:
+        """Level-0 region (0, 0, `l0_region_wh`) (default: the slide) resized to `out_wh`, read in bands."""
         out_w, out_h = int(out_wh[0]), int(out_wh[1])
-        l0_w, l0_h = self.info.l0_size_wh
+        l0_w, l0_h = l0_region_wh or self.info.l0_size_wh
         level = self.best_level_for_downsample(min(l0_w / out_w, l0_h / out_h))
-        lvl_w, lvl_h = self.info.level_sizes_wh[level]
         ds = self.info.level_downsamples[level]
-        rows_per_out = lvl_h / out_h
-        out_rows_per_band = max(1, int(_BAND_BYTES // max(1, lvl_w * 3 * rows_per_out)))
+        lvl_w = max(1, int(round(l0_w / ds)))
+        rows_per_out = l0_h / ds / out_h
+        out_rows_per_band = max(1, int(_BAND_BYTES // max(1.0, lvl_w * 3 * rows_per_out)))
         out = np.empty((out_h, out_w, 3), np.uint8)
         for r0 in range(0, out_h, out_rows_per_band):
             r1 = min(out_h, r0 + out_rows_per_band)
-            y0, y1 = int(round(r0 * rows_per_out)), max(int(round(r1 * rows_per_out)), int(round(r0 * rows_per_out)) + 1)
+            y0 = int(round(r0 * rows_per_out))
+            y1 = max(int(round(r1 * rows_per_out)), y0 + 1)
             band = self.read_region((0, int(round(y0 * ds))), level, (lvl_w, y1 - y0))
             interp = cv2.INTER_AREA if band.shape[1] >= out_w else cv2.INTER_LINEAR
             out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=interp)
@@ -170,14 +171,18 @@ class Slide:
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """Straight-alpha RGBA onto white; OpenSlide marks outside-the-scan pixels as transparent."""
+    rgb = np.array(rgba[..., :3], dtype=np.uint8, order="C")
     if rgba.shape[2] == 3:
-        return np.ascontiguousarray(rgba)
-    alpha = rgba[..., 3:4]
+        return rgb
+    alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    a = alpha.astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return rgb.astype(np.uint8)
+        return rgb
+    rgb[alpha == 0] = 255
+    partial = (alpha > 0) & (alpha < 255)
+    if partial.any():
+        a = alpha[partial].astype(np.uint16)[:, None]
+        rgb[partial] = ((rgb[partial].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return rgb
 
 
 def _resolve_local(path: Path) -> Path:
