@@ -1,0 +1,3 @@
+"""One router per resource: slides, jobs, results, models, health (+ metrics)."""
+
+from __future__ import annotations

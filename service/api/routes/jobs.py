@@ -1,0 +1,188 @@
+"""`/v1/jobs`: idempotent submission, state and progress, server-sent events, cancel; `/v1/analyze` does both."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import constants as C
+from service.api.routes.slides import receive_slide
+from service.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
+from service.errors import InvalidRequest
+from service.queue import JobQueue, dumps_options
+from service.schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
+from service.store import ModelRegistry, SlideRecord, SlideStore
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 422: {"model": ErrorPublic}
+}
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "", "-1") else None
+
+
+def job_public(record: dict[str, str]) -> JobPublic:
+    """The API view of a job hash, with throughput and ETA computed now."""
+    job_id = record["job_id"]
+    total = int(record.get("tiles_total", "-1"))
+    done = int(record.get("tiles_done", "0"))
+    started = _float(record.get("started_at"))
+    finished = _float(record.get("finished_at"))
+    elapsed = ((finished or time.time()) - started) if started else 0.0
+    throughput = done / elapsed if elapsed > 0 and done > 0 else None
+    state = record["state"]
+    eta = None
+    if throughput and total >= 0 and state == C.STATE_RUNNING:
+        eta = max(total - done, 0) / throughput
+    elif state == C.STATE_DONE:
+        eta = 0.0
+    links = {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events",
+             "cancel": f"/v1/jobs/{job_id}/cancel", "slide": f"/v1/slides/{record['slide_id']}"}
+    if state == C.STATE_DONE:
+        links.update(result=f"/v1/jobs/{job_id}/result", geojson=f"/v1/jobs/{job_id}/geojson",
+                     heatmap_png=f"/v1/jobs/{job_id}/heatmap.png", heatmap_tif=f"/v1/jobs/{job_id}/heatmap.tif")
+    return JobPublic(
+        job_id=job_id, slide_id=record["slide_id"], model=record.get("model", ""),
+        model_sha256=record.get("model_sha256", ""), state=state, tiles_done=done,
+        tiles_total=total if total >= 0 else None, chunks_done=int(record.get("chunks_done", "0")),
+        chunks_total=(int(record["chunks_total"]) if int(record.get("chunks_total", "-1")) >= 0 else None),
+        progress=(done / total if total > 0 else (1.0 if state == C.STATE_DONE else 0.0)),
+        throughput_tiles_per_s=throughput, eta_s=eta, created_at=float(record.get("created_at", "0")),
+        started_at=started, finished_at=finished, error=record.get("error") or None,
+        mpp=_float(record.get("mpp")), options=json.loads(record.get("options") or "{}"), links=links,
+    )
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Refuse options the analysis core does not know, with its own message."""
+    from service.pipeline import AnalysisOptions
+
+    try:
+        AnalysisOptions(**options)
+    except (TypeError, ValueError) as err:
+        raise InvalidRequest(f"invalid analysis options {options!r}: {err}") from err
+
+
+def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body: JobCreate,
+               slide: SlideRecord | None = None) -> tuple[dict[str, str], bool]:
+    """Create the job (or find the identical one): its id hashes the slide, the model's checksum and parameters."""
+    slide = slide or slides.get(body.slide_id)
+    model = models.get(body.model)
+    if body.mpp is None and slide.info.get("mpp_x") is None:
+        raise InvalidRequest(
+            f"slide {slide.slide_id} has no microns-per-pixel in its metadata; give it explicitly with \"mpp\""
+        )
+    _check_options(body.options)
+    params = dumps_options({"options": body.options, "mpp": body.mpp})
+    job_id = hashlib.sha256(f"{slide.slide_id}:{model.sha256}:{params}".encode()).hexdigest()[:32]
+    fields = {"slide_id": slide.slide_id, "slide_file": str(slide.path.relative_to(slides.root.parent)),
+              "model": model.name, "model_sha256": model.sha256, "options": dumps_options(body.options),
+              "mpp": "" if body.mpp is None else repr(body.mpp)}
+    return queue.submit(job_id, fields)
+
+
+def _respond(response: Response, record: dict[str, str], created: bool) -> JobPublic:
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{record['job_id']}"
+    return job_public(record)
+
+
+@router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses=_ERRORS)
+def create_job(body: JobCreate, response: Response, queue: QueueDep, slides: SlideStoreDep,
+               models: ModelsDep) -> JobPublic:
+    """Analyse an uploaded slide; the same slide, model and parameters return the existing job."""
+    record, created = submit_job(queue, slides, models, body)
+    return _respond(response, record, created)
+
+
+@router.post("/v1/analyze", response_model=JobPublic, status_code=202, responses=_ERRORS)
+async def upload_and_analyze(
+    request: Request,
+    response: Response,
+    queue: QueueDep,
+    slides: SlideStoreDep,
+    models: ModelsDep,
+    settings: SettingsDep,
+    filename: str | None = Query(None, description="original file name; only its extension is kept"),
+    model: str | None = Query(None, description="model name; the default model when absent"),
+    mpp: float | None = Query(None, gt=0.01, lt=100.0, description="override the slide's microns per pixel"),
+    options: str = Query("{}", description="analysis options as a JSON object"),
+) -> JobPublic:
+    """Upload a slide (raw body) and start its analysis in one request."""
+    try:
+        parsed = json.loads(options)
+    except ValueError as err:
+        raise InvalidRequest(f"options must be a JSON object, got {options!r}: {err}") from err
+    if not isinstance(parsed, dict):
+        raise InvalidRequest(f"options must be a JSON object, got {options!r}")
+    slide = await receive_slide(request, slides, settings, filename)
+    body = JobCreate(slide_id=slide.slide_id, model=model, mpp=mpp, options=parsed)
+    record, created = await run_in_threadpool(submit_job, queue, slides, models, body, slide)
+    return _respond(response, record, created)
+
+
+@router.get("/v1/jobs", response_model=JobsPublic)
+def list_jobs(queue: QueueDep, limit: int = Query(50, ge=1, le=1000)) -> JobsPublic:
+    """Recent jobs, newest first."""
+    records = []
+    for job_id in queue.list_ids(limit):
+        record = queue.r.hgetall(queue.job_key(job_id))
+        if record:
+            records.append(job_public(record))  # type: ignore[arg-type]
+    return JobsPublic(jobs=records)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses=_ERRORS)
+def get_job(job_id: str, queue: QueueDep) -> JobPublic:
+    """A job's state, progress, throughput and ETA."""
+    return job_public(queue.get(job_id))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic, responses=_ERRORS)
+def cancel_job(job_id: str, queue: QueueDep) -> JobPublic:
+    """Cancel a queued or running job; workers stop before their next batch."""
+    return job_public(queue.cancel(job_id))
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, responses=_ERRORS)
+def delete_job(job_id: str, queue: QueueDep) -> JobPublic:
+    """Same as cancel (results of finished jobs are kept)."""
+    return job_public(queue.cancel(job_id))
+
+
+async def _events(queue: JobQueue, job_id: str, poll_s: float) -> AsyncIterator[str]:
+    """Server-sent events: one `progress` event per change, then `end` once the job has finished."""
+    last = ""
+    while True:
+        record = await run_in_threadpool(queue.get, job_id)
+        payload = job_public(record).model_dump_json()
+        if payload != last:
+            last = payload
+            yield f"event: progress\ndata: {payload}\n\n"
+        if record["state"] in C.TERMINAL_STATES:
+            yield f"event: end\ndata: {json.dumps({'state': record['state']})}\n\n"
+            return
+        await asyncio.sleep(poll_s)
+
+
+@router.get("/v1/jobs/{job_id}/events", responses=_ERRORS,
+            response_class=StreamingResponse)
+def job_events(job_id: str, queue: QueueDep) -> StreamingResponse:
+    """Progress as server-sent events (text/event-stream) until the job ends."""
+    queue.get(job_id)  # 404 before the stream starts
+    return StreamingResponse(_events(queue, job_id, C.EVENTS_POLL_S), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

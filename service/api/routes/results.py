@@ -1,0 +1,86 @@
+"""`/v1/jobs/{id}/result|geojson|heatmap.png|heatmap.tif`: the files the analysis core wrote for a finished job."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from service import constants as C
+from service.deps import QueueDep, SettingsDep
+from service.errors import ResultNotReady
+from service.queue import JobQueue
+from service.schemas import ErrorPublic
+from service.settings import Settings
+from service.store import job_dir
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["results"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}}
+
+
+def _result_file(queue: JobQueue, settings: Settings, job_id: str, *names: str) -> tuple[Path, dict[str, str]]:
+    """The first of `names` in a finished job's folder; ResultNotReady while the job is not done."""
+    record = queue.get(job_id)
+    if record["state"] != C.STATE_DONE:
+        reason = f": {record['error']}" if record.get("error") else ""
+        raise ResultNotReady(
+            f"job {job_id} is {record['state']}{reason}; results exist once it is done (GET /v1/jobs/{job_id})"
+        )
+    folder = job_dir(settings.jobs_dir, job_id)
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name, record
+    raise ResultNotReady(f"job {job_id} is done but {names[0]} is missing from the shared storage; resubmit it")
+
+
+@router.get("/result", responses=_ERRORS)
+def get_result(job_id: str, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
+    """Slide class, probability, evidence and provenance (the model that made it included)."""
+    path, record = _result_file(queue, settings, job_id, "result.json")
+    result = json.loads(path.read_text())
+    result["job"] = {"job_id": job_id, "slide_id": record["slide_id"], "model": record.get("model"),
+                     "model_sha256": record.get("model_sha256"), "options": json.loads(record.get("options") or "{}"),
+                     "mpp": record.get("mpp") or None}
+    return JSONResponse(result)
+
+
+@router.get("/geojson", responses=_ERRORS)
+def get_geojson(
+    job_id: str,
+    request: Request,
+    queue: QueueDep,
+    settings: SettingsDep,
+    download: bool = Query(False, description="as a .geojson.gz file (gzip body) instead of JSON"),
+) -> Response:
+    """QuPath-ready GeoJSON in level-0 pixels; gzip-encoded when the client accepts it or asks to download."""
+    path, _ = _result_file(queue, settings, job_id, "result.geojson")
+    data = path.read_bytes()
+    if download:
+        return Response(gzip.compress(data), media_type="application/gzip",
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}.geojson.gz"'})
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        return Response(gzip.compress(data), media_type="application/geo+json",
+                        headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return Response(data, media_type="application/geo+json", headers={"Vary": "Accept-Encoding"})
+
+
+@router.get("/heatmap.png", responses=_ERRORS, response_class=FileResponse)
+def get_heatmap_png(job_id: str, queue: QueueDep, settings: SettingsDep) -> FileResponse:
+    """The heatmap over a thumbnail of the slide (PNG)."""
+    path, _ = _result_file(queue, settings, job_id, "heatmap.png", "overlay.png")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/heatmap.tif", responses=_ERRORS, response_class=FileResponse)
+def get_heatmap_tif(job_id: str, queue: QueueDep, settings: SettingsDep) -> FileResponse:
+    """The slide-level probability heatmap as a tiled pyramidal TIFF."""
+    path, _ = _result_file(queue, settings, job_id, "heatmap.tif")
+    return FileResponse(path, media_type="image/tiff", filename=f"{job_id}-heatmap.tif")

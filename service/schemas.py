@@ -1,0 +1,115 @@
+"""Pydantic models of the HTTP API, named by role (`JobCreate` in, `JobPublic` out)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ErrorPublic",
+    "SlidePublic",
+    "JobCreate",
+    "JobPublic",
+    "JobsPublic",
+    "ModelPublic",
+    "ModelsPublic",
+    "DefaultModelUpdate",
+    "HealthPublic",
+]
+
+
+class ErrorPublic(BaseModel):
+    """Every error response: what went wrong and how to fix it."""
+
+    error: str = Field(description="error type, e.g. JobNotFound")
+    detail: str = Field(description="what went wrong and how to fix it")
+
+
+class SlidePublic(BaseModel):
+    """An uploaded slide."""
+
+    slide_id: str = Field(description="SHA-256 of the file's bytes")
+    filename: str = Field(description="the name it was uploaded under (display only)")
+    size_bytes: int
+    created: bool = Field(description="false when these bytes had been uploaded before (nothing was stored)")
+    info: dict[str, Any] = Field(description="what the slide reader found: sizes, levels, mpp and its source")
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobCreate(BaseModel):
+    """A request to analyse an uploaded slide."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    slide_id: str = Field(description="id returned by POST /v1/slides")
+    model: str | None = Field(None, description="model name from GET /v1/models; default model when absent")
+    mpp: float | None = Field(None, gt=0.01, lt=100.0, description="override the slide's microns per pixel")
+    options: dict[str, Any] = Field(default_factory=dict, description="analysis options (see AnalysisOptions)")
+
+
+class JobPublic(BaseModel):
+    """A job's state and progress."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    job_id: str
+    slide_id: str
+    model: str
+    model_sha256: str
+    state: str = Field(description="queued, running, stitching, done, failed or cancelled")
+    tiles_done: int
+    tiles_total: int | None = Field(description="tissue tiles to analyse; null until the plan is made")
+    chunks_done: int
+    chunks_total: int | None
+    progress: float = Field(description="fraction of tiles done, 0..1")
+    throughput_tiles_per_s: float | None
+    eta_s: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None = Field(description="why the job failed")
+    mpp: float | None
+    options: dict[str, Any]
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobsPublic(BaseModel):
+    """Recent jobs, newest first."""
+
+    jobs: list[JobPublic]
+
+
+class ModelPublic(BaseModel):
+    """One file of the models directory."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+    valid: bool
+    reason: str = Field(description="why the model was refused; empty when valid")
+    default: bool
+    metadata: dict[str, Any]
+
+
+class ModelsPublic(BaseModel):
+    """The models directory."""
+
+    default: str | None
+    models: list[ModelPublic]
+
+
+class DefaultModelUpdate(BaseModel):
+    """Choose the default model."""
+
+    name: str
+
+
+class HealthPublic(BaseModel):
+    """Liveness or readiness."""
+
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

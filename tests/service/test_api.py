@@ -1,0 +1,150 @@
+"""The HTTP API on a real Redis: uploads, limits, models, health, metrics and errors (no worker needed here)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.settings import Settings
+from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
+from tests.service.conftest_redis import make_settings
+
+pytestmark = pytest.mark.redis
+
+SLIDE = "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture()
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _upload(client: TestClient, path: Path, **params: str) -> object:
+    return client.post("/v1/slides", content=path.read_bytes(), params={"filename": path.name, **params},
+                       headers={"Content-Type": "application/octet-stream"})
+
+
+def test_upload_hashes_validates_and_stores_once(client: TestClient, settings: Settings, slides_dir: Path) -> None:
+    path = slides_dir / SLIDE
+    first = _upload(client, path)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["slide_id"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert body["created"] is True and body["size_bytes"] == path.stat().st_size
+    assert body["info"]["l0_size_wh"] == [2220, 2967]
+    stored = settings.slides_dir / body["slide_id"]
+    assert sorted(p.name for p in stored.iterdir()) == ["info.json", "slide.svs"]
+    again = _upload(client, path, filename="renamed.svs")
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert again.json()["filename"] == SLIDE  # the first upload's record is kept, nothing was rewritten
+    got = client.get(f"/v1/slides/{body['slide_id']}")
+    assert got.status_code == 200 and got.json()["slide_id"] == body["slide_id"]
+    leftovers = [p.name for p in settings.slides_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path: Path, redis_url: str,
+                                                        shell_models_dir: Path, slides_dir: Path) -> None:
+    limited = make_settings(tmp_path, redis_url, shell_models_dir, max_upload_bytes=100_000)
+    with TestClient(create_app(limited)) as c:
+        resp = _upload(c, slides_dir / SLIDE)
+        assert resp.status_code == 413
+        assert resp.json()["error"] == "UploadTooLarge" and "PIXELCAM_MAX_UPLOAD_BYTES" in resp.json()["detail"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while streaming
+            data = (slides_dir / SLIDE).read_bytes()
+            for i in range(0, len(data), 65536):
+                yield data[i:i + 65536]
+
+        streamed = c.post("/v1/slides", content=chunks(), params={"filename": SLIDE})
+        assert streamed.status_code == 413
+    assert list(limited.slides_dir.iterdir()) == []
+
+
+def test_unreadable_upload_is_refused_and_leaves_nothing(client: TestClient, settings: Settings,
+                                                         slides_dir: Path) -> None:
+    resp = client.post("/v1/slides", content=b"not a slide at all" * 100, params={"filename": "x.svs"})
+    assert resp.status_code == 415
+    assert resp.json()["error"] == "InvalidUpload" and resp.json()["detail"]
+    empty = client.post("/v1/slides", content=b"", params={"filename": "x.svs"})
+    assert empty.status_code == 415
+    form = client.post("/v1/slides", files={"file": ("a.svs", b"abc")})
+    assert form.status_code == 415 and "--data-binary" in form.json()["detail"]
+    assert list(settings.slides_dir.iterdir()) == []
+
+
+def test_unknown_ids_are_404_json(client: TestClient) -> None:
+    for url in ("/v1/slides/" + "0" * 64, "/v1/slides/not-a-hash", "/v1/jobs/" + "0" * 32,
+                "/v1/jobs/" + "0" * 32 + "/result", "/v1/jobs/" + "0" * 32 + "/geojson",
+                "/v1/jobs/" + "0" * 32 + "/heatmap.png", "/v1/jobs/" + "0" * 32 + "/events",
+                "/v1/models/nope", "/v1/nothing-here"):
+        resp = client.get(url)
+        assert resp.status_code == 404, url
+        assert resp.headers["content-type"].startswith("application/json"), url
+        assert resp.json()["detail"], url
+    assert client.post("/v1/jobs/" + "0" * 32 + "/cancel").status_code == 404
+    job = client.post("/v1/jobs", json={"slide_id": "0" * 64})
+    assert job.status_code == 404 and job.json()["error"] == "SlideNotFound"
+
+
+def test_models_are_listed_validated_and_the_default_can_change(client: TestClient, settings: Settings,
+                                                                shell_model_path: Path) -> None:
+    listing = client.get("/v1/models").json()
+    assert listing["default"] == "random"
+    assert [m["name"] for m in listing["models"]] == ["random"]
+    random_model = listing["models"][0]
+    assert random_model["valid"] and random_model["metadata"]["input_size"] > 0
+    assert random_model["sha256"] == hashlib.sha256(shell_model_path.read_bytes()).hexdigest()
+    # a new model dropped into the directory and a broken one: both seen without restart, the broken one refused
+    shutil.copyfile(shell_model_path, settings.models_dir / "second.onnx")
+    (settings.models_dir / "broken.onnx").write_bytes(b"not onnx")
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert set(models) == {"random", "second", "broken"}
+    assert not models["broken"]["valid"] and models["broken"]["reason"]
+    assert client.get("/v1/models/broken").status_code == 409
+    assert client.put("/v1/models/default", json={"name": "broken"}).status_code == 409
+    changed = client.put("/v1/models/default", json={"name": "second"})
+    assert changed.status_code == 200 and changed.json()["default"] is True
+    assert client.get("/v1/models").json()["default"] == "second"
+
+
+def test_model_upload_validates_against_the_contract(client: TestClient, settings: Settings,
+                                                     shell_model_path: Path) -> None:
+    bad = client.post("/v1/models", params={"name": "junk"}, content=b"\x00" * 100)
+    assert bad.status_code == 415 and "refused" in bad.json()["detail"]
+    good = client.post("/v1/models", params={"name": "uploaded-1"}, content=shell_model_path.read_bytes())
+    assert good.status_code == 201, good.text
+    assert good.json()["valid"] and good.json()["name"] == "uploaded-1"
+    dup = client.post("/v1/models", params={"name": "uploaded-1"}, content=shell_model_path.read_bytes())
+    assert dup.status_code == 415
+    evil = client.post("/v1/models", params={"name": "../escape"}, content=shell_model_path.read_bytes())
+    assert evil.status_code == 415
+    names = sorted(p.name for p in settings.models_dir.iterdir())
+    assert names == ["random.onnx", "uploaded-1.onnx"]
+
+
+def test_health_readiness_metrics_and_openapi(client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["redis"] == "ok"
+    text = client.get("/metrics").text
+    for name in ("pixelcam_jobs{state=\"queued\"}", "pixelcam_queue_depth{status=\"waiting\"}",
+                 "pixelcam_tiles_per_second", "pixelcam_batch_fill", "pixelcam_inference_latency_seconds_bucket"):
+        assert name in text, name
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/slides", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/models", "/v1/analyze"} <= set(paths)
+
+
+def test_readyz_is_503_without_a_valid_model(tmp_path: Path, redis_url: str) -> None:
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    with TestClient(create_app(make_settings(tmp_path, redis_url, empty))) as c:
+        resp = c.get("/readyz")
+        assert resp.status_code == 503 and "no valid model" in resp.json()["checks"]["model"]
