@@ -20,6 +20,8 @@ __all__ = [
     "ENCODER_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_INPUT_MPP",
+    "MIN_INPUT_MPP",
     "OUTPUT_STRIDES",
     "VIT_INPUT_SIZE",
     "ModelConfig",
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 ENCODER_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "vit_tiny")
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 VIT_INPUT_SIZE = 224
+# Plausible physical scale of a model input pixel, in microns (a 40x scan is ~0.25, a 1.25x overview ~8).
+MIN_INPUT_MPP = 0.05
+MAX_INPUT_MPP = 100.0
 VIT_OUTPUT_STRIDE = 16
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -137,8 +142,10 @@ class ModelConfig:
             )
         if not isinstance(self.foreground_name, str) or not self.foreground_name:
             raise ModelConfigError("foreground_name must be a non-empty string (e.g. 'Gland' or 'Tumor')")
-        if not isinstance(self.input_mpp, int | float) or not 0.01 <= float(self.input_mpp) <= 100.0:
-            raise ModelConfigError(f"input_mpp must be in [0.01, 100] microns per pixel, got {self.input_mpp!r}")
+        if not isinstance(self.input_mpp, int | float) or not MIN_INPUT_MPP <= self.input_mpp <= MAX_INPUT_MPP:
+            raise ModelConfigError(
+                f"input_mpp must be in [{MIN_INPUT_MPP}, {MAX_INPUT_MPP}] microns per pixel, got {self.input_mpp!r}"
+            )
         if not isinstance(self.cls_head_dropout, int | float) or not 0.0 <= self.cls_head_dropout < 1.0:
             raise ModelConfigError(f"cls_head_dropout must be in [0, 1), got {self.cls_head_dropout!r}")
 

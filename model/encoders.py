@@ -242,7 +242,8 @@ class ViTEncoder(nn.Module):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = self.norm(self.blocks(torch.cat([cls, tokens], dim=1) + self.pos_embed))
         patches = tokens[:, 1:]  # drop the cls token: (B, 196, D)
-        return patches.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+        # Constant channel and grid sizes keep the exported graph's output shape static except for the batch.
+        return patches.transpose(1, 2).reshape(-1, self.out_channels, self.grid, self.grid)
 
 
 Encoder = ResNetEncoder | ViTEncoder
