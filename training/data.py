@@ -117,12 +117,15 @@ def make_splits(
     labels = sorted({r.label for r in records})
     for label in labels:
         pool = sorted((r for r in records if r.subset == "train" and r.label == label), key=lambda r: r.name)
-        order = rng.permutation(len(pool))
+        order = [pool[i] for i in rng.permutation(len(pool))]
         n_val = max(1, round(valcl_frac * len(pool))) if len(pool) > 1 else 0
-        val = [pool[i] for i in order[:n_val]]
+        # valpx first (masked images, random), then valcl is filled up with random others
+        px = [r for r in order if r.mask_path is not None][: min(valpx_per_class, n_val)]
+        rest = [r for r in order if r not in px]
+        val = px + rest[: n_val - len(px)]
+        splits["valpx"] += [r.name for r in px]
         splits["valcl"] += [r.name for r in val]
-        splits["train"] += [pool[i].name for i in order[n_val:]]
-        splits["valpx"] += [r.name for r in val if r.mask_path is not None][:valpx_per_class]
+        splits["train"] += [r.name for r in rest[n_val - len(px) :]]
     splits["test"] = [r.name for r in records if r.subset == "test"]
     for key in splits:
         splits[key] = sorted(splits[key], key=_natural_key)

@@ -35,7 +35,11 @@ def sample_seeds(
     n_low = max(1, int(bg_area_frac * h * w))
     k_fg, k_bg = min(n_fg, h * w), min(n_bg, n_low)
     for i in range(b):
-        fg_idx = torch.multinomial(flat[i].clamp_min(0) + 1e-6, k_fg, replacement=False, generator=generator)
+        fg_idx = (
+            torch.multinomial(flat[i].clamp_min(0) + 1e-6, k_fg, replacement=False, generator=generator)
+            if k_fg > 0
+            else torch.empty(0, dtype=torch.int64, device=cams.device)
+        )
         low = torch.argsort(flat[i], stable=True)[:n_low]
         pick = torch.randperm(n_low, generator=generator, device=cams.device)[:k_bg]
         bg_idx = low[pick]
