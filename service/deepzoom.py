@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol
@@ -161,8 +162,11 @@ def dzi_xml(l0_size_wh: tuple[int, int], tile_size: int = 254, overlap: int = 1,
 
 
 class _SlideInfoLike(Protocol):
-    l0_size_wh: tuple[int, int]
-    level_downsamples: tuple[float, ...] | list[float]
+    @property
+    def l0_size_wh(self) -> tuple[int, int]: ...
+
+    @property
+    def level_downsamples(self) -> Sequence[float]: ...
 
 
 class SlideTileSource(Protocol):
@@ -174,7 +178,7 @@ class SlideTileSource(Protocol):
     def read_region(self, l0_xy: tuple[int, int], level: int, lvl_size_wh: tuple[int, int]) -> np.ndarray: ...
 
 
-def best_level_for_downsample(level_downsamples: tuple[float, ...] | list[float], downsample: float) -> int:
+def best_level_for_downsample(level_downsamples: Sequence[float], downsample: float) -> int:
     """Index of the coarsest pyramid level whose downsample is <= `downsample` (never upsample from coarser)."""
     best = 0
     for index, level_ds in enumerate(level_downsamples):

@@ -1,0 +1,443 @@
+"""Deep Zoom routes: slide and heatmap-overlay descriptors and tiles, with cached slide handles and tiles.
+
+Slides: `/v1/slides/{id}.dzi`, `/v1/slides/{id}_files/{level}/{col}_{row}.{jpeg|jpg|png}` and
+`/v1/slides/{id}/deepzoom` (size, MPP for the scale bar). Overlays: `/v1/jobs/{id}/overlay.dzi` and
+`/v1/jobs/{id}/overlay_files/{level}/{col}_{row}.png?cmap=&threshold=`, in the slide's DZI geometry, showing the
+chunks already done while the job runs. Ids resolve to paths only through the slide store and `job_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
+
+from service import constants as C
+from service.deepzoom import (
+    COLORMAPS,
+    DeepZoomError,
+    DeepZoomGeometry,
+    HeatmapSource,
+    TileOutOfRangeError,
+    dzi_xml,
+    encode_tile,
+    render_overlay_tile,
+    render_slide_tile,
+)
+from service.deps import QueueDep, SettingsDep, SlideStoreDep
+from service.errors import InvalidRequest, NotFoundError, ResultNotReady
+from service.schemas import ErrorPublic
+from service.settings import Settings
+from service.slides import MissingMppError, Slide, SlideError, SlideInfo, open_slide
+from service.store import SlideStore, job_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TILE_SIZE", "OVERLAP", "SlidePool", "TileCache", "TileNotFound", "router"]
+
+TILE_SIZE = 254
+OVERLAP = 1
+SLIDE_CACHE_CONTROL = "public, max-age=86400"  # slides are content-addressed: a tile never changes
+DONE_CACHE_CONTROL = "public, max-age=3600"
+LIVE_CACHE_CONTROL = "no-cache"  # a running job's overlay fills in: revalidate every time (ETag makes it cheap)
+
+router = APIRouter(tags=["tiles"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
+                                            422: {"model": ErrorPublic}}
+
+
+class TileNotFound(NotFoundError):
+    """The Deep Zoom level or tile does not exist for this image."""
+
+
+@dataclass(frozen=True)
+class _SlideEntry:
+    info: SlideInfo
+    mpp_known: bool
+    idle: list[Slide]
+
+
+class SlidePool:
+    """Thread-safe LRU of open slides; each keeps a few idle handles, since one `Slide` serves one thread."""
+
+    def __init__(self, max_slides: int = 16, max_idle_per_slide: int = 4) -> None:
+        self.max_slides = max_slides
+        self.max_idle_per_slide = max_idle_per_slide
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Path, _SlideEntry] = OrderedDict()
+
+    @staticmethod
+    def _open(path: Path) -> tuple[Slide, bool]:
+        """Open a slide; one without a usable MPP still has pixels to show (no scale bar then)."""
+        try:
+            return open_slide(path), True
+        except MissingMppError:
+            return open_slide(path, mpp_override=1.0), False
+
+    def _entry(self, path: Path) -> _SlideEntry:
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is not None:
+                self._entries.move_to_end(path)
+                return entry
+        slide, mpp_known = self._open(path)
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is None:
+                entry = _SlideEntry(slide.info, mpp_known, [])
+                self._entries[path] = entry
+                evicted = self._trim()
+            else:
+                evicted = []
+            if len(entry.idle) < self.max_idle_per_slide:
+                entry.idle.append(slide)
+            else:
+                evicted.append(slide)
+        for handle in evicted:
+            handle.close()
+        return entry
+
+    def _trim(self) -> list[Slide]:
+        """Drop least recently used slides beyond the limit; returns the idle handles to close (lock held)."""
+        dropped: list[Slide] = []
+        while len(self._entries) > self.max_slides:
+            _, old = self._entries.popitem(last=False)
+            dropped.extend(old.idle)
+            old.idle.clear()
+        return dropped
+
+    def info(self, path: Path) -> tuple[SlideInfo, bool]:
+        """The slide's info and whether its MPP came from the file (False: opened with a placeholder)."""
+        entry = self._entry(path)
+        return entry.info, entry.mpp_known
+
+    @contextmanager
+    def borrow(self, path: Path) -> Iterator[Slide]:
+        """An open handle for this thread's exclusive use, returned to the pool afterwards."""
+        entry = self._entry(path)
+        with self._lock:
+            slide = entry.idle.pop() if entry.idle else None
+        if slide is None:
+            slide, _ = self._open(path)
+        try:
+            yield slide
+        finally:
+            with self._lock:
+                keep = self._entries.get(path) is entry and len(entry.idle) < self.max_idle_per_slide
+                if keep:
+                    entry.idle.append(slide)
+            if not keep:
+                slide.close()
+
+    def close(self) -> None:
+        """Close every idle handle."""
+        with self._lock:
+            handles = [s for e in self._entries.values() for s in e.idle]
+            self._entries.clear()
+        for handle in handles:
+            handle.close()
+
+
+class TileCache:
+    """Thread-safe LRU of values bounded by their total size in bytes (encoded tiles, heatmap sources)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: tuple[Any, ...], value: Any, size_bytes: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size_bytes > self.max_bytes:
+                return
+            self._items[key] = (value, size_bytes)
+            self._bytes += size_bytes
+            while self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+
+@dataclass
+class _TileState:
+    slides: SlidePool
+    tiles: TileCache  # encoded overlay tiles
+    heatmaps: TileCache  # decoded heatmap sources of jobs, keyed by job version
+    slide_paths: TileCache  # slide id -> path (store lookups read info.json)
+
+
+_STATE_LOCK = threading.Lock()
+
+
+def get_tile_state(request: Request) -> _TileState:
+    """The app's tile caches, created on first use (no lifespan hook needed)."""
+    state = getattr(request.app.state, "tiles", None)
+    if state is None:
+        with _STATE_LOCK:
+            state = getattr(request.app.state, "tiles", None)
+            if state is None:
+                state = _TileState(SlidePool(), TileCache(64 << 20), TileCache(512 << 20), TileCache(1 << 20))
+                request.app.state.tiles = state
+    return state  # type: ignore[no-any-return]
+
+
+TileStateDep = Annotated[_TileState, Depends(get_tile_state)]
+
+
+def _slide_path(state: _TileState, store: SlideStore, slide_id: str) -> Path:
+    """The stored slide's file (SlideNotFound for unknown ids)."""
+    cached = state.slide_paths.get((slide_id,))
+    if cached is None:
+        cached = store.get(slide_id).path
+        state.slide_paths.put((slide_id,), cached, 256)
+    return cached  # type: ignore[no-any-return]
+
+
+def _etag(*parts: object) -> str:
+    return '"' + hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32] + '"'
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    """True when the client's If-None-Match already names this ETag."""
+    header = request.headers.get("if-none-match", "")
+    return any(tag.strip() in (etag, f"W/{etag}", "*") for tag in header.split(",")) if header else False
+
+
+def _cached_response(request: Request, etag: str, cache_control: str, media_type: str,
+                     produce: Callable[[], bytes]) -> Response:
+    """304 when the client has this version, else the bytes `produce` makes, with ETag and Cache-Control."""
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    if _not_modified(request, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(produce(), media_type=media_type, headers=headers)
+
+
+def _tile(geometry: DeepZoomGeometry, level: int, col: int, row: int) -> None:
+    """TileNotFound (404) for a level or tile outside the pyramid."""
+    try:
+        geometry.tile_region(level, col, row)
+    except TileOutOfRangeError as err:
+        raise TileNotFound(str(err)) from err
+
+
+LevelParam = Annotated[int, PathParam(ge=0, le=64, description="Deep Zoom level (0 is 1x1 px)")]
+ColParam = Annotated[int, PathParam(ge=0, description="tile column")]
+RowParam = Annotated[int, PathParam(ge=0, description="tile row")]
+
+
+@router.get("/v1/slides/{slide_id}.dzi", responses=_ERRORS, response_class=Response)
+def slide_dzi(slide_id: str, request: Request, store: SlideStoreDep, state: TileStateDep) -> Response:
+    """Deep Zoom descriptor (XML) of a slide: level-0 size, tile 254, overlap 1, JPEG."""
+    info, _ = state.slides.info(_slide_path(state, store, slide_id))
+    xml = dzi_xml(info.l0_size_wh, TILE_SIZE, OVERLAP, "jpeg")
+    return _cached_response(request, _etag("dzi", slide_id, TILE_SIZE, OVERLAP), SLIDE_CACHE_CONTROL,
+                            "application/xml", xml.encode)
+
+
+@router.get("/v1/slides/{slide_id}_files/{level}/{col}_{row}.{fmt}", responses=_ERRORS, response_class=Response)
+def slide_tile(slide_id: str, level: LevelParam, col: ColParam, row: RowParam, fmt: Literal["jpeg", "jpg", "png"],
+               request: Request, store: SlideStoreDep, state: TileStateDep) -> Response:
+    """One Deep Zoom tile of a slide, read from the best pyramid level."""
+    path = _slide_path(state, store, slide_id)
+    info, _ = state.slides.info(path)
+    geometry = DeepZoomGeometry(info.l0_size_wh, TILE_SIZE, OVERLAP)
+    _tile(geometry, level, col, row)
+    kind: Literal["jpeg", "png"] = "png" if fmt == "png" else "jpeg"
+
+    def produce() -> bytes:
+        with state.slides.borrow(path) as slide:
+            try:
+                pixels = render_slide_tile(slide, geometry, level, col, row)
+            except SlideError as err:
+                raise InvalidRequest(f"slide {slide_id} could not be read at tile {level}/{col}_{row}: {err}") from err
+        return encode_tile(pixels, kind)
+
+    return _cached_response(request, _etag("slide", slide_id, TILE_SIZE, OVERLAP, level, col, row, kind),
+                            SLIDE_CACHE_CONTROL, f"image/{kind}", produce)
+
+
+def _mpp(info: SlideInfo, mpp_known: bool) -> tuple[float | None, float | None]:
+    return (info.mpp_x, info.mpp_y) if mpp_known else (None, None)
+
+
+@router.get("/v1/slides/{slide_id}/deepzoom", responses=_ERRORS)
+def slide_deepzoom(slide_id: str, store: SlideStoreDep, state: TileStateDep) -> dict[str, Any]:
+    """What a viewer needs: the DZI URL, level-0 size, levels, and microns per pixel for the scale bar."""
+    info, mpp_known = state.slides.info(_slide_path(state, store, slide_id))
+    geometry = DeepZoomGeometry(info.l0_size_wh, TILE_SIZE, OVERLAP)
+    mpp_x, mpp_y = _mpp(info, mpp_known)
+    return {
+        "slide_id": slide_id, "dzi": f"/v1/slides/{slide_id}.dzi", "width": info.l0_size_wh[0],
+        "height": info.l0_size_wh[1], "tile_size": TILE_SIZE, "overlap": OVERLAP, "format": "jpeg",
+        "level_count": geometry.level_count, "mpp_x": mpp_x, "mpp_y": mpp_y,
+        "mpp_source": info.mpp_source if mpp_known else None,
+        "pixels_per_meter": (1e6 / ((mpp_x + (mpp_y or mpp_x)) / 2)) if mpp_x else None,
+        "objective_power": info.objective_power, "vendor": info.vendor, "name": info.name,
+    }
+
+
+# --- heatmap overlays --------------------------------------------------------------------------------------------
+
+
+def _job_version(record: dict[str, str], folder: Path) -> tuple[str, ...]:
+    """What changes whenever the overlay can change: generation, state and the chunk files present."""
+    chunk_files = sorted(p.name for p in _chunk_dir(folder).glob("*.npz")) if _chunk_dir(folder).is_dir() else []
+    digest = hashlib.sha256("\n".join(chunk_files).encode()).hexdigest()[:16]
+    return (record.get("generation", "0"), record.get("state", ""), str(len(chunk_files)), digest)
+
+
+def _chunk_dir(folder: Path) -> Path:
+    return folder / "chunks"
+
+
+def _hm_downsample(folder: Path) -> float:
+    """The heatmap's declared downsample, from the job's result or plan."""
+    for name in ("result.json", "plan.json"):
+        path = folder / name
+        if path.is_file():
+            found = _find_key(json.loads(path.read_text()), "hm_downsample")
+            if found is not None:
+                return float(found)
+    raise ResultNotReady(f"no heatmap downsample recorded in {folder.name}; the job has not been planned yet")
+
+
+def _find_key(doc: Any, key: str) -> Any | None:
+    """The first value of `key` anywhere in a JSON document."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        values = list(doc.values())
+    elif isinstance(doc, list):
+        values = doc
+    else:
+        return None
+    for value in values:
+        found = _find_key(value, key)
+        if found is not None:
+            return found
+    return None
+
+
+def _load_heatmap(folder: Path, record: dict[str, str], l0_size_wh: tuple[int, int]) -> HeatmapSource | None:
+    """The finished heatmap TIFF, else a partial heatmap stitched from the chunk files present; None if none."""
+    from service.deepzoom import ArrayHeatmap, TiffHeatmap
+
+    tif = folder / "heatmap.tif"
+    if record.get("state") == C.STATE_DONE and tif.is_file():
+        return TiffHeatmap(tif, _hm_downsample(folder))
+    if not (folder / "plan.json").is_file():
+        return None
+    from service import pipeline
+
+    partial = pipeline.partial_heatmap(folder)
+    if partial is None:
+        return None
+    probs, hm_downsample = partial
+    return ArrayHeatmap(probs, hm_downsample)
+
+
+def _overlay_context(job_id: str, queue: QueueDep, settings: Settings, store: SlideStore,
+                     state: _TileState) -> tuple[dict[str, str], Path, DeepZoomGeometry]:
+    record = queue.get(job_id)
+    folder = job_dir(settings.jobs_dir, job_id)
+    info, _ = state.slides.info(_slide_path(state, store, record["slide_id"]))
+    return record, folder, DeepZoomGeometry(info.l0_size_wh, TILE_SIZE, OVERLAP)
+
+
+CmapQuery = Annotated[str, Query(description=f"colour map: one of {', '.join(COLORMAPS)}")]
+ThresholdQuery = Annotated[float, Query(ge=0.0, le=1.0, description="probabilities below it are transparent")]
+
+
+def _check_cmap(cmap: str) -> None:
+    if cmap not in COLORMAPS:
+        raise InvalidRequest(f"unknown colour map {cmap!r}; choose one of {', '.join(COLORMAPS)}")
+
+
+@router.get("/v1/jobs/{job_id}/overlay.dzi", responses=_ERRORS, response_class=Response)
+def overlay_dzi(job_id: str, request: Request, queue: QueueDep, settings: SettingsDep, store: SlideStoreDep,
+                state: TileStateDep, cmap: CmapQuery = "jet", threshold: ThresholdQuery = 0.5) -> Response:
+    """Deep Zoom descriptor of the job's heatmap overlay: the slide's level-0 size, transparent PNG tiles."""
+    _check_cmap(cmap)
+    record, _, geometry = _overlay_context(job_id, queue, settings, store, state)
+    xml = dzi_xml(geometry.l0_size_wh, TILE_SIZE, OVERLAP, "png")
+    return _cached_response(request, _etag("overlay-dzi", job_id, record.get("slide_id")), SLIDE_CACHE_CONTROL,
+                            "application/xml", xml.encode)
+
+
+@router.get("/v1/jobs/{job_id}/overlay_files/{level}/{col}_{row}.png", responses=_ERRORS, response_class=Response)
+def overlay_tile(job_id: str, level: LevelParam, col: ColParam, row: RowParam, request: Request, queue: QueueDep,
+                 settings: SettingsDep, store: SlideStoreDep, state: TileStateDep, cmap: CmapQuery = "jet",
+                 threshold: ThresholdQuery = 0.5) -> Response:
+    """One transparent PNG tile of the heatmap overlay; while the job runs it shows the chunks already done."""
+    _check_cmap(cmap)
+    record, folder, geometry = _overlay_context(job_id, queue, settings, store, state)
+    _tile(geometry, level, col, row)
+    version = _job_version(record, folder)
+    done = record.get("state") == C.STATE_DONE
+    key = (job_id, *version, level, col, row, cmap, round(threshold, 4))
+
+    def produce() -> bytes:
+        cached = state.tiles.get(key)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        source = state.heatmaps.get((job_id, *version))
+        if source is None:
+            source = _load_heatmap(folder, record, geometry.l0_size_wh)
+            size = 1 << 20 if source is None else _source_bytes(source)
+            state.heatmaps.put((job_id, *version), source or _EMPTY, size)
+        if source is _EMPTY or source is None:
+            data = _blank_png(geometry, level, col, row)
+        else:
+            try:
+                rgba = render_overlay_tile(source, geometry, level, col, row, cmap=cmap, threshold=threshold)
+            except DeepZoomError as err:
+                raise InvalidRequest(str(err)) from err
+            data = encode_tile(rgba, "png")
+        state.tiles.put(key, data, len(data))
+        return data
+
+    return _cached_response(request, _etag("overlay", *key), DONE_CACHE_CONTROL if done else LIVE_CACHE_CONTROL,
+                            "image/png", produce)
+
+
+_EMPTY = object()
+
+
+def _source_bytes(source: HeatmapSource) -> int:
+    """Approximate memory held by a heatmap source (its pyramid's cells)."""
+    w, h = source.level_size_wh(0)
+    return max(1 << 16, int(w * h * 4 * 1.34))
+
+
+def _blank_png(geometry: DeepZoomGeometry, level: int, col: int, row: int) -> bytes:
+    """A fully transparent tile of the right size (nothing analysed yet)."""
+    import numpy as np
+
+    w, h = geometry.tile_region(level, col, row).dz_size_wh
+    return encode_tile(np.zeros((h, w, 4), np.uint8), "png")
