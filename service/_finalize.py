@@ -1,0 +1,260 @@
+"""Finalizing a job: chunk files -> heatmap.tif, overlay.png, result.geojson and result.json, in one banded pass.
+
+Planes: `hm_` heatmap cells (`l0 = hm * hm_downsample`), `l0_` level-0 slide pixels. The stitched bands flow
+through the evidence counter and the run collector into the TIFF writer, so the heatmap is never held whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+
+from model.runtime import ModelMetadata
+from service._jobfiles import TISSUE_FILE, ChunkIndex, PipelineError
+from service.geojson import (
+    RunTable,
+    collect_runs,
+    feature_collection,
+    find_regions,
+    region_features,
+    tile_features,
+    write_geojson,
+)
+from service.report import EvidenceCounter, region_summaries, slide_call, software_versions, write_result
+from service.slides import open_slide
+from service.stitching import (
+    cosine_window,
+    read_heatmap_level,
+    render_overlay,
+    stitch_bands,
+    write_heatmap_tiff,
+    write_overlay_png,
+)
+
+if TYPE_CHECKING:
+    from service.pipeline import JobPlan
+
+__all__ = ["OUTPUT_FILES", "AnalysisResult", "finalize_job"]
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILES = {
+    "result": "result.json",
+    "heatmap": "heatmap.tif",
+    "overlay": "overlay.png",
+    "geojson": "result.geojson",
+}
+THUMB_MAX = 1024
+HEATMAP_ENCODING = "uint8: 0 = not analysed; v in 1..255 = analysed, foreground probability (v - 1) / 254"
+FRAME_NOTE = (
+    "level-0 pixels, origin top-left, y down, minus l0_offset_xy (the slide's bounds origin, which QuPath crops "
+    "to; (0, 0) when the slide has no bounds)"
+)
+AGGREGATION_NONE = "no tissue tile was found, so the slide has no class"
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """Where the outputs were written, and result.json's content."""
+
+    out_dir: Path
+    result: dict[str, Any]
+
+    @property
+    def label(self) -> str | None:
+        """The slide's class (None when no tissue was found)."""
+        return self.result["classification"]["label"]
+
+    def path(self, key: str) -> Path:
+        """The path of one output: 'result', 'heatmap', 'overlay' or 'geojson'."""
+        return self.out_dir / self.result["outputs"][key]
+
+
+def _provenance(plan: JobPlan, model_meta: ModelMetadata, model_sha256: str) -> dict[str, Any]:
+    """Model checksum and metadata, parameters, software versions and the slide's identity."""
+    return {
+        "model": {"sha256": model_sha256, "metadata": model_meta.to_dict()},
+        "slide": {"name": Path(plan.slide_path).name, "sha256": plan.slide_sha256, **plan.slide_info},
+        "parameters": {
+            **plan.options.to_dict(),
+            "threshold": plan.threshold,
+            "hm_downsample": plan.hm_downsample,
+            "l0_tile_size": plan.tiles.l0_tile_size,
+            "l0_stride": plan.tiles.l0_stride,
+            "level": plan.tiles.level,
+            "lvl_tile_size": plan.tiles.lvl_tile_size,
+            "input_size": plan.tiles.input_size,
+            "input_mpp": plan.tiles.input_mpp,
+        },
+        "software": software_versions(),
+    }
+
+
+def _frame(plan: JobPlan) -> dict[str, Any]:
+    return {"units": "level-0 pixels", "l0_offset_xy": list(plan.l0_offset_xy), "note": FRAME_NOTE}
+
+
+def _stitch(
+    plan: JobPlan, index: ChunkIndex, job_dir: Path, out: Path, description: str
+) -> tuple[EvidenceCounter, RunTable]:
+    """One pass: stitch bands, count evidence, collect positive runs, write the pyramidal TIFF."""
+    grid = plan.grid()
+    tissue = cv2.imread(str(job_dir / TISSUE_FILE), cv2.IMREAD_GRAYSCALE)
+    counter = EvidenceCounter(
+        grid, plan.threshold, None if tissue is None else tissue > 0, plan.tissue_l0_per_px
+    )
+    window = cosine_window((plan.fm_size, plan.fm_size)) if plan.options.blend == "cosine" else None
+    bands = stitch_bands(grid, plan.l0_xy, plan.tiles.l0_tile_size, index.load_fg, window=window)
+    sink: list[RunTable] = []
+    counted = (counter.add(band) for band in bands)
+    write_heatmap_tiff(
+        out / OUTPUT_FILES["heatmap"],
+        collect_runs(counted, plan.threshold, sink),
+        grid,
+        l0_mpp=float(plan.slide_info["mpp_x"] + plan.slide_info["mpp_y"]) / 2,
+        description=description,
+    )
+    return counter, RunTable.concat(sink)
+
+
+def _overlay(plan: JobPlan, out: Path) -> None:
+    """Slide thumbnail with the heatmap blended in, as overlay.png."""
+    with open_slide(plan.slide_path, mpp_override=plan.options.mpp_override) as slide:
+        thumb = slide.thumbnail((THUMB_MAX, THUMB_MAX))
+    hm = read_heatmap_level(out / OUTPUT_FILES["heatmap"], (thumb.shape[1], thumb.shape[0]))
+    write_overlay_png(out / OUTPUT_FILES["overlay"], render_overlay(thumb, hm, plan.grid()))
+
+
+def _geojson(
+    plan: JobPlan, regions: list, index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float
+) -> list[dict[str, Any]]:
+    """Annotations for the positive regions, then (optionally) one tile object per analysed tile."""
+    features = region_features(
+        regions,
+        hm_downsample=plan.hm_downsample,
+        l0_size_wh=tuple(plan.slide_info["l0_size_wh"]),
+        l0_mpp=l0_mpp,
+        name=meta.foreground_name,
+        color=meta.foreground_color,
+        l0_offset_xy=plan.l0_offset_xy,
+        simplify_hm=plan.options.simplify_hm,
+        seed=seed,
+    )
+    if plan.options.write_detections and len(plan):
+        features += tile_features(
+            plan.l0_xy,
+            plan.tiles.l0_tile_size,
+            index.class_probs,
+            index.fg_mean,
+            class_names=meta.class_names,
+            class_colors=meta.class_colors,
+            positive_index=meta.positive_index,
+            l0_offset_xy=plan.l0_offset_xy,
+            seed=seed,
+        )
+    return features
+
+
+def finalize_job(
+    job_dir: str | os.PathLike[str],
+    plan: JobPlan,
+    model_meta: ModelMetadata,
+    model_sha256: str,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> AnalysisResult:
+    """Stitch every chunk in bounded memory and write heatmap.tif, overlay.png, result.json, result.geojson."""
+    t0 = time.perf_counter()
+    folder = Path(job_dir)
+    out = Path(out_dir) if out_dir is not None else folder
+    out.mkdir(parents=True, exist_ok=True)
+    index = ChunkIndex(folder, len(plan), model_meta.num_classes)
+    missing = int((~index.present).sum())
+    if missing:
+        raise PipelineError(
+            f"{missing} of {len(plan)} tiles have no chunk output in {folder}; run their chunks first"
+        )
+    provenance = _provenance(plan, model_meta, model_sha256)
+    l0_mpp = float(plan.slide_info["mpp_x"] + plan.slide_info["mpp_y"]) / 2
+    heatmap_meta = {
+        "hm_downsample": plan.hm_downsample,
+        "hm_mpp": plan.hm_downsample * l0_mpp,
+        "l0_size_wh": list(plan.slide_info["l0_size_wh"]),
+        "size_wh": list(plan.grid().hm_size_wh),
+        "encoding": HEATMAP_ENCODING,
+        "frame": "level-0 pixels / hm_downsample (the full level-0 frame, no bounds offset)",
+    }
+    description = json.dumps(
+        {"pixelcam_heatmap": heatmap_meta, "model_sha256": model_sha256, "slide_sha256": plan.slide_sha256}
+    )
+    counter, runs = _stitch(plan, index, folder, out, description)
+    t_stitch = time.perf_counter()
+    regions = find_regions(runs, min_cells=plan.options.min_region_cells)
+    seed = f"{model_sha256}/{plan.slide_sha256 or plan.slide_path}/{json.dumps(provenance['parameters'])}"
+    features = _geojson(plan, regions, index, model_meta, seed, l0_mpp)
+    suffix = ".gz" if plan.options.geojson_gzip else ""
+    geojson_name = OUTPUT_FILES["geojson"] + suffix
+    write_geojson(out / geojson_name, feature_collection(features, {"frame": _frame(plan), **provenance}))
+    t_geojson = time.perf_counter()
+    _overlay(plan, out)
+    t_overlay = time.perf_counter()
+    if len(plan):
+        call = slide_call(
+            index.class_probs, model_meta.class_names, model_meta.positive_index, plan.tiles.tissue_fraction
+        ).to_dict()
+        status, message = "ok", f"{len(plan)} tissue tiles analysed"
+    else:
+        call = {
+            "label": None,
+            "probability": None,
+            "positive_class": model_meta.positive_class,
+            "positive_probability": None,
+            "aggregation": {"method": None, "why": AGGREGATION_NONE},
+        }
+        status, message = "no_tissue", "no tissue was found on this slide; nothing was analysed"
+    read_s, infer_s, chunk_wall_s = (float(v) for v in index.timings)
+    result = {
+        "schema": "pixelcam-result",
+        "schema_version": 1,
+        "status": status,
+        "message": message,
+        "classification": call,
+        "evidence": {
+            **counter.to_dict(l0_mpp),
+            "tiles_analysed": len(plan),
+            "regions": len(regions),
+            "top_regions": region_summaries(
+                regions, hm_downsample=plan.hm_downsample, l0_mpp=l0_mpp, l0_offset_xy=plan.l0_offset_xy
+            ),
+        },
+        "frame": _frame(plan),
+        "heatmap": heatmap_meta,
+        "outputs": {**OUTPUT_FILES, "geojson": geojson_name},
+        "provenance": provenance,
+        "timings_s": {
+            "prepare": round(plan.prepare_s, 3),
+            "chunks_read": round(read_s, 3),
+            "chunks_infer": round(infer_s, 3),
+            "chunks_wall": round(chunk_wall_s, 3),
+            "stitch": round(t_stitch - t0, 3),
+            "geojson": round(t_geojson - t_stitch, 3),
+            "overlay": round(t_overlay - t_geojson, 3),
+        },
+    }
+    write_result(out / OUTPUT_FILES["result"], result)
+    logger.info(
+        "finalized %s: %s (%s), %d regions, %.2f s",
+        Path(plan.slide_path).name,
+        status,
+        call["label"],
+        len(regions),
+        time.perf_counter() - t0,
+    )
+    return AnalysisResult(out_dir=out, result=result)
