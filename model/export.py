@@ -48,6 +48,9 @@ _GRAPH_FIELDS = ("encoder_name", "encoder_width", "output_stride", "input_size",
 class OnnxWrapper(nn.Module):
     """The exported graph: uint8 (B, S, S, 3) RGB -> class_probs (B, K), fg_prob (B, 1, S/k, S/k)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: PixelCAM, cfg: ModelConfig):
         super().__init__()
         self.model = model
@@ -269,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           input_mpp=args.input_mpp)
         model = build_model(cfg)
         calibrate_batchnorm(model, _smooth_noise(np.random.default_rng(args.seed), 16, cfg.input_size))
-        provenance = {"dataset": args.dataset or "none (random initialisation)",
-                      "metrics": {}, "train_config_sha256": ""}
+        provenance: dict[str, Any] = {"dataset": args.dataset or "none (random initialisation)",
+                                      "metrics": {}, "train_config_sha256": ""}
     else:
         from model.checkpoint import load_checkpoint
 
