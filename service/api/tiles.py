@@ -305,15 +305,9 @@ def slide_deepzoom(slide_id: str, store: SlideStoreDep, state: TileStateDep) -> 
 # --- heatmap overlays --------------------------------------------------------------------------------------------
 
 
-def _job_version(record: dict[str, str], folder: Path) -> tuple[str, ...]:
-    """What changes whenever the overlay can change: generation, state and the chunk files present."""
-    chunk_files = sorted(p.name for p in _chunk_dir(folder).glob("*.npz")) if _chunk_dir(folder).is_dir() else []
-    digest = hashlib.sha256("\n".join(chunk_files).encode()).hexdigest()[:16]
-    return (record.get("generation", "0"), record.get("state", ""), str(len(chunk_files)), digest)
-
-
-def _chunk_dir(folder: Path) -> Path:
-    return folder / "chunks"
+def _job_version(record: dict[str, str]) -> tuple[str, ...]:
+    """What changes whenever the overlay can change: the run (generation), its state and the chunks done."""
+    return (record.get("generation", "0"), record.get("state", ""), record.get("chunks_done", "0"))
 
 
 def _hm_downsample(folder: Path) -> float:
@@ -398,7 +392,7 @@ def overlay_tile(job_id: str, level: LevelParam, col: ColParam, row: RowParam, r
     _check_cmap(cmap)
     record, folder, geometry = _overlay_context(job_id, queue, settings, store, state)
     _tile(geometry, level, col, row)
-    version = _job_version(record, folder)
+    version = _job_version(record)
     done = record.get("state") == C.STATE_DONE
     key = (job_id, *version, level, col, row, cmap, round(threshold, 4))
 
