@@ -190,6 +190,18 @@ def _tile_fractions(tissue: TissueMask, l0_x: np.ndarray, l0_y: np.ndarray, l0_s
     return (inside / area).astype(np.float32)
 
 
+def _read_size(lvl_exact: float, input_size: int) -> int:
+    """Pixels to read at the level: rounded, or snapped to k x input_size when within 1 % of it.
+
+    An exact integer ratio lets the resize take OpenCV's fast area path (449 -> 224 costs about 20x more than
+    448 -> 224); 1 % is well inside scanner MPP calibration error.
+    """
+    k = round(lvl_exact / input_size)
+    if k >= 1 and abs(lvl_exact - k * input_size) <= 0.01 * lvl_exact:
+        return int(k * input_size)
+    return max(1, int(round(lvl_exact)))
+
+
 def plan_tiles(info: SlideInfo, tissue: TissueMask, input_mpp: float, input_size: int, min_tissue: float = 0.1,
                overlap: float = 0.0) -> TilePlan:
     """Grid of tiles at `input_mpp` x `input_size` microns over the slide (or its bounds), kept by tissue."""
@@ -207,7 +219,7 @@ def plan_tiles(info: SlideInfo, tissue: TissueMask, input_mpp: float, input_size
     stride = l0_tile * (1.0 - overlap)
     level = info.best_level_for_downsample(needed_ds)
     level_ds = info.level_downsamples[level]
-    lvl_tile = max(1, int(round(l0_tile / level_ds)))
+    lvl_tile = _read_size(l0_tile / level_ds, input_size)
     ox, oy, region_w, region_h = info.bounds or (0, 0, *info.l0_size_wh)
     n_x, n_y = _grid_count(region_w, l0_tile, stride), _grid_count(region_h, l0_tile, stride)
     gy, gx = np.mgrid[0:n_y, 0:n_x]

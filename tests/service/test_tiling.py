@@ -80,7 +80,11 @@ def test_fractional_tile_and_level_choice() -> None:
     assert plan.l0_xy[:5, 0].tolist() == [0, 449, 898, 1347, 1796]
     coarse = plan_tiles(_info(size_wh=(2000, 2000), downsamples=(1.0, 4.0), mpp=0.499),
                         _mask((200, 200), slice(None), slice(None)), 1.0, 224, min_tissue=0.0)
-    assert (coarse.level, coarse.lvl_tile_size) == (0, 449)
+    assert (coarse.level, coarse.lvl_tile_size) == (0, 448)  # 448.9 snapped to 2 x 224 (within 1 %)
+    odd = plan_tiles(_info(size_wh=(2000, 2000), downsamples=(1.0, 4.0), mpp=0.499),
+                     _mask((200, 200), slice(None), slice(None)), 0.75, 200, min_tissue=0.0)
+    assert odd.lvl_tile_size == 301  # 300.6 px is 1.5 x 200: no multiple nearby, plain rounding
+
 
 
 def test_plan_over_bounds_and_json_round_trip() -> None:
