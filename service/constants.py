@@ -12,6 +12,7 @@ JOBS_INDEX_KEY: Final = "jobs"  # sorted set: job_id -> created_at (s)
 JOB_KEY: Final = "job:{job_id}"  # hash: state, counts, timings, model, parameters, error
 JOB_DONE_KEY: Final = "job:{job_id}:done:{generation}"  # set of finished chunk ids for one run of the job
 JOB_FAILURES_KEY: Final = "job:{job_id}:failures:{generation}"  # hash: chunk id -> failed attempts
+JOB_WORKERS_KEY: Final = "job:{job_id}:workers:{generation}"  # hash: worker name -> chunks it finished
 JOB_FINALIZE_FLAG_KEY: Final = "job:{job_id}:finalize:{generation}"  # SET NX: the finalize message went out
 STATS_KEY: Final = "stats"  # hash: counters the workers publish for /metrics
 WORKERS_KEY: Final = "workers:alive"  # sorted set: consumer name -> last heartbeat (s)
@@ -46,6 +47,10 @@ JOBS_DIR: Final = "jobs"
 MODELS_DIR: Final = "models"
 REDIS_DIR: Final = "redis"
 DEFAULT_MODEL_FILE: Final = "DEFAULT"  # inside the models dir: the name of the default model, one line
+
+# Analysis options that change how fast a job runs, not what it finds: left out of a job's identity and set by
+# each worker from its own settings (the API serves gzip itself, so the core always writes plain GeoJSON).
+WORKER_OPTION_KEYS: Final = ("batch_size", "chunk_size", "reader_threads", "geojson_gzip")
 
 # Histogram buckets (seconds) of the inference latency per batch, shared by workers and /metrics.
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

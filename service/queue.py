@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["JobQueue", "Message", "connect"]
 
-# KEYS: job, done set, finalize flag, stream. ARGV: generation, chunk id, n tiles, message id, group.
+# KEYS: job, done set, finalize flag, stream, workers hash.
+# ARGV: generation, chunk id, n tiles, message id, group, job id, worker name.
 # Returns [newly_done (0/1), finalize_enqueued (0/1)].
 _COMPLETE_CHUNK = """
 if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then
@@ -36,6 +37,7 @@ local added = redis.call('SADD', KEYS[2], ARGV[2])
 if added == 1 then
   redis.call('HINCRBY', KEYS[1], 'tiles_done', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
+  redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
 end
 redis.call('XACK', KEYS[4], ARGV[5], ARGV[4]); redis.call('XDEL', KEYS[4], ARGV[4])
 local total = tonumber(redis.call('HGET', KEYS[1], 'chunks_total') or '-1')
@@ -237,17 +239,24 @@ class JobQueue:
             return True
         return False
 
-    def complete_chunk(self, msg: Message, n_tiles: int) -> tuple[bool, bool]:
+    def complete_chunk(self, msg: Message, n_tiles: int, worker: str = "") -> tuple[bool, bool]:
         """Mark a chunk done and acknowledge it; returns (newly done, this call queued the finalize)."""
         keys = [self.job_key(msg.job_id), self._done_key(msg.job_id, msg.generation),
-                self._flag_key(msg.job_id, msg.generation), self.stream]
-        args = [msg.generation, str(msg.chunk_id), str(n_tiles), msg.msg_id, C.GROUP_NAME, msg.job_id]
+                self._flag_key(msg.job_id, msg.generation), self.stream,
+                self.settings.key(C.JOB_WORKERS_KEY, job_id=msg.job_id, generation=msg.generation)]
+        args = [msg.generation, str(msg.chunk_id), str(n_tiles), msg.msg_id, C.GROUP_NAME, msg.job_id,
+                worker or "unknown"]
         added, finalize = self._complete(keys=keys, args=args)  # type: ignore[misc]
         return bool(added), bool(finalize)
 
     def done_chunks(self, job_id: str, generation: str) -> set[int]:
         """The ids of the chunks finished in this run of the job."""
         return {int(c) for c in self.r.smembers(self._done_key(job_id, generation))}  # type: ignore[union-attr]
+
+    def workers_of(self, job_id: str, generation: str) -> dict[str, int]:
+        """How many chunks of this run of the job each worker finished."""
+        key = self.settings.key(C.JOB_WORKERS_KEY, job_id=job_id, generation=generation)
+        return {k: int(v) for k, v in self.r.hgetall(key).items()}  # type: ignore[union-attr]
 
     def record_failure(self, job_id: str, generation: str, chunk_id: int) -> int:
         """Count one failed attempt at a chunk; returns the attempts so far."""

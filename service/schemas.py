@@ -72,6 +72,7 @@ class JobPublic(BaseModel):
     started_at: float | None
     finished_at: float | None
     error: str | None = Field(description="why the job failed")
+    workers: dict[str, int] = Field(default_factory=dict, description="chunks finished by each worker")
     mpp: float | None
     options: dict[str, Any]
     links: dict[str, str] = Field(default_factory=dict)

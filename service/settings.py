@@ -66,6 +66,17 @@ class Settings(BaseSettings):
         """Where job outputs live: `<storage_dir>/jobs/<job_id>/`."""
         return self.storage_dir / constants.JOBS_DIR
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as `PIXELCAM_*` environment variables (for worker processes started from here)."""
+        env = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            var = info.validation_alias if isinstance(info.validation_alias, str) else f"PIXELCAM_{name.upper()}"
+            env[var] = str(value)
+        return env
+
     def key(self, name: str, **fields: object) -> str:
         """A Redis key: the prefix plus one of the names in `service.constants`, formatted with `fields`."""
         return f"{self.redis_prefix}:{name.format(**fields)}"

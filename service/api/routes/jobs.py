@@ -35,7 +35,7 @@ def _float(value: str | None) -> float | None:
     return float(value) if value not in (None, "", "-1") else None
 
 
-def job_public(record: dict[str, str]) -> JobPublic:
+def job_public(record: dict[str, str], workers: dict[str, int] | None = None) -> JobPublic:
     """The API view of a job hash, with throughput and ETA computed now."""
     job_id = record["job_id"]
     total = int(record.get("tiles_total", "-1"))
@@ -64,17 +64,22 @@ def job_public(record: dict[str, str]) -> JobPublic:
         throughput_tiles_per_s=throughput, eta_s=eta, created_at=float(record.get("created_at", "0")),
         started_at=started, finished_at=finished, error=record.get("error") or None,
         mpp=_float(record.get("mpp")), options=json.loads(record.get("options") or "{}"), links=links,
+        workers=workers or {},
     )
 
 
-def _check_options(options: dict[str, Any]) -> None:
-    """Refuse options the analysis core does not know, with its own message."""
+def canonical_options(body: JobCreate) -> dict[str, Any]:
+    """The job's analysis options with every default filled in (so equal requests hash equal), minus speed knobs."""
     from service.pipeline import AnalysisOptions
 
+    raw = {k: v for k, v in body.options.items() if k not in C.WORKER_OPTION_KEYS}
+    if body.mpp is not None:
+        raw["mpp_override"] = body.mpp
     try:
-        AnalysisOptions(**options)
+        options = AnalysisOptions.from_dict(raw).to_dict()
     except (TypeError, ValueError) as err:
-        raise InvalidRequest(f"invalid analysis options {options!r}: {err}") from err
+        raise InvalidRequest(f"invalid analysis options {body.options!r}: {err}") from err
+    return {k: v for k, v in options.items() if k not in C.WORKER_OPTION_KEYS}
 
 
 def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body: JobCreate,
@@ -82,16 +87,17 @@ def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body:
     """Create the job (or find the identical one): its id hashes the slide, the model's checksum and parameters."""
     slide = slide or slides.get(body.slide_id)
     model = models.get(body.model)
-    if body.mpp is None and slide.info.get("mpp_x") is None:
+    options = canonical_options(body)
+    mpp = options.get("mpp_override")
+    if mpp is None and slide.info.get("mpp_x") is None:
         raise InvalidRequest(
             f"slide {slide.slide_id} has no microns-per-pixel in its metadata; give it explicitly with \"mpp\""
         )
-    _check_options(body.options)
-    params = dumps_options({"options": body.options, "mpp": body.mpp})
+    params = dumps_options(options)
     job_id = hashlib.sha256(f"{slide.slide_id}:{model.sha256}:{params}".encode()).hexdigest()[:32]
     fields = {"slide_id": slide.slide_id, "slide_file": str(slide.path.relative_to(slides.root.parent)),
-              "model": model.name, "model_sha256": model.sha256, "options": dumps_options(body.options),
-              "mpp": "" if body.mpp is None else repr(body.mpp)}
+              "model": model.name, "model_sha256": model.sha256, "options": params,
+              "mpp": "" if mpp is None else repr(float(mpp))}
     return queue.submit(job_id, fields)
 
 
@@ -149,7 +155,8 @@ def list_jobs(queue: QueueDep, limit: int = Query(50, ge=1, le=1000)) -> JobsPub
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: str, queue: QueueDep) -> JobPublic:
     """A job's state, progress, throughput and ETA."""
-    return job_public(queue.get(job_id))
+    record = queue.get(job_id)
+    return job_public(record, queue.workers_of(job_id, record["generation"]))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic, responses=_ERRORS)

@@ -1,0 +1,138 @@
+"""`pixelcam serve` (API + local workers, embedded Redis by default) and `pixelcam worker` (a worker alone)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from service.redis_server import PrivateRedis
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_serve_parser", "add_worker_parser", "serve"]
+
+_STOP_TIMEOUT_S = 15.0
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `pixelcam serve`."""
+    p = subparsers.add_parser("serve", help="run the API and local workers (starts a private Redis if none is set)",
+                              description="Settings come from PIXELCAM_* environment variables; flags override.")
+    p.add_argument("--host", help="address to bind (PIXELCAM_HOST)")
+    p.add_argument("--port", type=int, help="port to bind (PIXELCAM_PORT)")
+    p.add_argument("--workers", type=int, help="local worker processes (PIXELCAM_WORKERS)")
+    p.set_defaults(func=_serve_command)
+
+
+def add_worker_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `pixelcam worker`."""
+    p = subparsers.add_parser("worker", help="run one queue worker (needs PIXELCAM_REDIS_URL)",
+                              description="Joins the queue at PIXELCAM_REDIS_URL; reads slides and writes results "
+                                          "under PIXELCAM_STORAGE_DIR, which must be the storage the API uses.")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=_worker_command)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None}
+    settings = get_settings().model_copy(update=overrides)
+    return serve(settings)
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    from service.worker import Worker
+
+    settings = get_settings()
+    _configure_logging(settings)
+    if not settings.redis_url:
+        logger.error("a standalone worker needs PIXELCAM_REDIS_URL (the Redis the API uses)")
+        return 2
+    worker = Worker(settings)
+    _stop_on_signals(worker.stop_event)
+    worker.run(burst=args.burst)
+    return 0
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _stop_on_signals(event: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        event.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class _WorkerPool:
+    """Local worker processes (`python -m service.worker`), restarted when one dies."""
+
+    def __init__(self, count: int, env: dict[str, str]) -> None:
+        self.count = count
+        self.env = env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
+
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.count)]
+        self._monitor.start()
+        logger.info("started %d local worker(s)", self.count)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "service.worker"], env=self.env)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(2.0):
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self._stop.is_set():
+                    logger.warning("worker pid %d exited with %s; starting a new one", proc.pid, proc.returncode)
+                    self.procs[i] = self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def serve(settings: Settings) -> int:
+    """Run the API in this process and `settings.workers` worker processes; stop them all on exit."""
+    import uvicorn
+
+    from service.api import create_app
+
+    _configure_logging(settings)
+    storage = Path(settings.storage_dir).resolve()
+    settings = settings.model_copy(update={"storage_dir": storage})
+    private: PrivateRedis | None = None
+    if not settings.redis_url:
+        private = PrivateRedis(storage / "redis")
+        settings = settings.model_copy(update={"redis_url": private.start()})
+    env = dict(os.environ, **settings.to_env())
+    pool = _WorkerPool(settings.workers, env)
+    try:
+        app = create_app(settings)
+        pool.start()
+        logger.info("serving on http://%s:%d (redis %s)", settings.host, settings.port,
+                    "embedded" if private else settings.redis_url)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    finally:
+        pool.stop()
+        if private is not None:
+            private.stop()
+    return 0

@@ -1,0 +1,327 @@
+"""The queue worker: runs the analysis core's pieces (plan, chunk, finalize) for messages from the Redis stream.
+
+One worker process holds one long-lived predictor per model and its open slides. Before every inference batch it
+looks at the job's state, so a cancel stops compute within one batch. While a message is being worked on a
+heartbeat thread keeps it claimed; a worker that dies stops the heartbeat and its message is redone elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from service import constants as C
+from service.errors import PermanentJobError, ServiceError
+from service.queue import JobQueue, Message, connect
+from service.settings import Settings, get_settings
+from service.store import ModelRegistry, job_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Worker", "JobCancelled", "main"]
+
+_MAX_OPEN_SLIDES = 4
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or superseded) while this worker was on it."""
+
+
+class _TimedPredictor:
+    """Wraps a predictor to publish each batch's latency and fill for /metrics, and to stop a cancelled job."""
+
+    def __init__(self, predictor: Any, queue: JobQueue, batch_size: int, check: Any) -> None:
+        self._predictor = predictor
+        self._queue = queue
+        self._batch_size = batch_size
+        self._check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def predict(self, tiles: np.ndarray) -> Any:
+        """Predict one batch (B, S, S, 3) uint8, after checking that the job still wants it."""
+        self._check()
+        t0 = time.perf_counter()
+        out = self._predictor.predict(tiles)
+        self._queue.record_batch(int(tiles.shape[0]), self._batch_size, time.perf_counter() - t0)
+        return out
+
+
+class Worker:
+    """Consumes work messages until stopped (or, in burst mode, until the stream is empty)."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None, name: str | None = None) -> None:
+        self.settings = settings
+        self.queue = JobQueue(client or connect(settings.redis_url), settings)
+        self.queue.ensure_group()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.models = ModelRegistry(settings.models_dir, settings.default_model)
+        self.stop_event = threading.Event()
+        self._predictors: dict[str, Any] = {}
+        self._slides: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._plans: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.processed = 0
+
+    # --- loop -------------------------------------------------------------------------------------------------
+    def run(self, burst: bool = False) -> int:
+        """Work until `stop_event` is set (burst: until no message is waiting); returns messages handled."""
+        logger.info("worker %s started (storage %s, prefix %s)", self.name, self.settings.storage_dir,
+                    self.settings.redis_prefix)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    msg = self.queue.read(self.name, self.settings.block_ms)
+                except redis.ConnectionError as err:
+                    logger.warning("worker %s: redis unreachable (%s); retrying", self.name, err)
+                    self.stop_event.wait(1.0)
+                    continue
+                if msg is None:
+                    self.queue.r.zadd(self.settings.key(C.WORKERS_KEY), {self.name: time.time()})
+                    if burst:
+                        break
+                    continue
+                self.handle(msg)
+                self.processed += 1
+        finally:
+            self.close()
+        return self.processed
+
+    def close(self) -> None:
+        """Close open slides (predictors go with the process)."""
+        for slide in self._slides.values():
+            slide.close()
+        self._slides.clear()
+
+    def handle(self, msg: Message) -> None:
+        """Run one message with a heartbeat; permanent errors fail the job, others leave it for a retry."""
+        try:
+            job = self.queue.get(msg.job_id)
+        except ServiceError:
+            self.queue.ack(msg)
+            return
+        if job.get("generation") != msg.generation or job["state"] in C.TERMINAL_STATES:
+            self.queue.ack(msg)  # an earlier run of the job, or nothing left to do
+            return
+        if msg.deliveries > self.settings.max_attempts:
+            self._fail(msg, f"{msg.kind} message was abandoned {msg.deliveries - 1} times by workers that died "
+                            "(killed, out of memory?); check the worker logs, then resubmit the job")
+            return
+        with self._heartbeat(msg):
+            try:
+                self._dispatch(msg, job)
+            except JobCancelled:
+                logger.info("job %s: %s %s stopped: cancelled", msg.job_id, msg.kind, msg.chunk_id)
+                self.queue.ack(msg)
+            except (PermanentJobError, *_permanent_errors()) as err:
+                self._fail(msg, f"{type(err).__name__}: {err}")
+            except (OSError, redis.RedisError, RuntimeError, ValueError) as err:
+                self._retry_later(msg, err)
+
+    def _dispatch(self, msg: Message, job: dict[str, str]) -> None:
+        if msg.kind == C.MSG_PLAN:
+            self._plan(msg, job)
+        elif msg.kind == C.MSG_CHUNK:
+            self._chunk(msg, job)
+        elif msg.kind == C.MSG_FINALIZE:
+            self._finalize(msg, job)
+        else:
+            logger.warning("unknown message kind %r dropped", msg.kind)
+            self.queue.ack(msg)
+
+    def _fail(self, msg: Message, reason: str) -> None:
+        self.queue.fail(msg.job_id, msg.generation, reason)
+        self.queue.ack(msg)
+
+    def _retry_later(self, msg: Message, err: Exception) -> None:
+        attempts = self.queue.record_failure(msg.job_id, msg.generation, msg.chunk_id)
+        logger.exception("job %s: %s %s failed (attempt %d of %d)", msg.job_id, msg.kind, msg.chunk_id,
+                         attempts, self.settings.max_attempts)
+        if attempts >= self.settings.max_attempts:
+            self._fail(msg, f"{msg.kind} {msg.chunk_id} failed {attempts} times; last error: "
+                            f"{type(err).__name__}: {err}")
+        # else: left unacknowledged; any worker reclaims it after claim_idle_s (a natural backoff)
+
+    @contextmanager
+    def _heartbeat(self, msg: Message) -> Iterator[None]:
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.settings.heartbeat_s):
+                try:
+                    self.queue.touch(self.name, msg)
+                except redis.RedisError as err:
+                    logger.warning("heartbeat of %s failed: %s", msg.msg_id, err)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{msg.msg_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    # --- resources ------------------------------------------------------------------------------------------------
+    def _job_dir(self, job_id: str) -> Path:
+        return job_dir(self.settings.jobs_dir, job_id)
+
+    def _model_path(self, job: dict[str, str]) -> Path:
+        entry = self.models.get(job["model"])
+        if entry.sha256 != job["model_sha256"]:
+            raise PermanentJobError(
+                f"model {job['model']!r} changed since the job was submitted (sha256 {entry.sha256[:12]} != "
+                f"{job['model_sha256'][:12]}); resubmit the job to use the current file"
+            )
+        return entry.path
+
+    def predictor(self, job: dict[str, str]) -> Any:
+        """The long-lived predictor of the job's model (loaded once per process)."""
+        sha = job["model_sha256"]
+        if sha not in self._predictors:
+            from model.runtime import Predictor
+
+            path = self._model_path(job)
+            t0 = time.perf_counter()
+            self._predictors[sha] = Predictor(path, threads=self.settings.threads or None)
+            logger.info("worker %s loaded model %s in %.2f s", self.name, path.name, time.perf_counter() - t0)
+        return self._predictors[sha]
+
+    def _slide(self, job: dict[str, str]) -> Any:
+        from service.slides import open_slide
+
+        key = (job["slide_file"], job.get("mpp", ""))
+        if key in self._slides:
+            self._slides.move_to_end(key)
+            return self._slides[key]
+        mpp = float(job["mpp"]) if job.get("mpp") else None
+        slide = open_slide(self.settings.storage_dir / job["slide_file"], mpp_override=mpp)
+        self._slides[key] = slide
+        while len(self._slides) > _MAX_OPEN_SLIDES:
+            _, old = self._slides.popitem(last=False)
+            old.close()
+        return slide
+
+    def _plan_of(self, job_id: str, generation: str) -> Any:
+        from service.pipeline import JobPlan
+
+        key = (job_id, generation)
+        if key not in self._plans:
+            plan = JobPlan.load(self._job_dir(job_id))
+            # batches sized for this worker's device, whoever made the plan
+            options = dataclasses.replace(plan.options, batch_size=self.settings.batch_size)
+            self._plans[key] = dataclasses.replace(plan, options=options)
+            while len(self._plans) > _MAX_OPEN_SLIDES:
+                self._plans.popitem(last=False)
+        return self._plans[key]
+
+    def _check_live(self, msg: Message) -> None:
+        state, generation = self.queue.r.hmget(self.queue.job_key(msg.job_id), ["state", "generation"])
+        if generation != msg.generation or state in (C.STATE_CANCELLED, C.STATE_FAILED):
+            raise JobCancelled(msg.job_id)
+
+    # --- the three steps --------------------------------------------------------------------------------------
+    def _plan(self, msg: Message, job: dict[str, str]) -> None:
+        from service.pipeline import prepare_job
+
+        self.queue.transition(msg.job_id, msg.generation, C.STATE_QUEUED, C.STATE_RUNNING,
+                              started_at=f"{time.time():.3f}")
+        predictor = self.predictor(job)
+        t0 = time.perf_counter()
+        plan = prepare_job(self.settings.storage_dir / job["slide_file"], predictor.metadata,
+                           _options(job, self.settings), self._job_dir(msg.job_id))
+        ranges = plan.chunks(self.settings.chunk_size)
+        self._check_live(msg)
+        self.queue.enqueue_chunks(msg.job_id, msg.generation, ranges)
+        self.queue.set_fields(msg.job_id, msg.generation, plan_s=f"{time.perf_counter() - t0:.3f}")
+        logger.info("job %s slide %s: planned %d tiles in %d chunks (%.2f s)", msg.job_id, job["slide_id"],
+                    sum(len(r) for r in ranges), len(ranges), time.perf_counter() - t0)
+        if not ranges:
+            self.queue.enqueue_finalize_if_complete(msg.job_id, msg.generation)
+        self.queue.ack(msg)
+
+    def _chunk(self, msg: Message, job: dict[str, str]) -> None:
+        from service.pipeline import run_chunk, save_chunk
+
+        if msg.chunk_id in self.queue.done_chunks(msg.job_id, msg.generation):
+            self.queue.ack(msg)  # redelivered after it was saved: nothing to redo
+            return
+        plan = self._plan_of(msg.job_id, msg.generation)
+        predictor = _TimedPredictor(self.predictor(job), self.queue, self.settings.batch_size,
+                                    lambda: self._check_live(msg))
+        t0 = time.perf_counter()
+        out = run_chunk(self._slide(job), plan, range(msg.start, msg.stop), predictor)
+        self._check_live(msg)
+        save_chunk(self._job_dir(msg.job_id), msg.chunk_id, out)
+        _, finalize = self.queue.complete_chunk(msg, msg.stop - msg.start, self.name)
+        logger.debug("job %s slide %s: chunk %d (%d tiles) in %.3f s%s", msg.job_id, job["slide_id"],
+                     msg.chunk_id, msg.stop - msg.start, time.perf_counter() - t0,
+                     "; finalize queued" if finalize else "")
+
+    def _finalize(self, msg: Message, job: dict[str, str]) -> None:
+        from service.pipeline import finalize_job
+
+        moved = self.queue.transition(msg.job_id, msg.generation, C.STATE_RUNNING, C.STATE_STITCHING)
+        if not moved and job["state"] != C.STATE_STITCHING:
+            self.queue.ack(msg)
+            return
+        t0 = time.perf_counter()
+        plan = self._plan_of(msg.job_id, msg.generation)
+        predictor = self.predictor(job)
+        finalize_job(self._job_dir(msg.job_id), plan, predictor.metadata, job["model_sha256"])
+        self.queue.transition(msg.job_id, msg.generation, C.STATE_STITCHING, C.STATE_DONE,
+                              finished_at=f"{time.time():.3f}", stitch_s=f"{time.perf_counter() - t0:.3f}")
+        logger.info("job %s slide %s: done (stitched in %.2f s)", msg.job_id, job["slide_id"],
+                    time.perf_counter() - t0)
+        self.queue.ack(msg)
+
+
+def _options(job: dict[str, str], settings: Settings) -> Any:
+    """The job's AnalysisOptions, with this worker's speed settings."""
+    from service.pipeline import AnalysisOptions
+
+    values = json.loads(job.get("options") or "{}")
+    values.update(batch_size=settings.batch_size, chunk_size=settings.chunk_size, geojson_gzip=False)
+    return AnalysisOptions.from_dict(values)
+
+
+def _permanent_errors() -> tuple[type[Exception], ...]:
+    """Core errors that retrying cannot fix (an unreadable slide, a refused model)."""
+    from model.runtime import InvalidModelError
+    from service.slides import SlideError
+
+    return (SlideError, InvalidModelError, ServiceError)
+
+
+def main() -> int:
+    """Entry point of `python -m service.worker` (and `pixelcam worker`): work until SIGTERM or SIGINT."""
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(settings)
+
+    def stop(signum: int, frame: object) -> None:
+        logger.info("worker %s: signal %d, stopping after the current message", worker.name, signum)
+        worker.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
