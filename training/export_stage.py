@@ -1,0 +1,129 @@
+"""Stage export: the PixelCAM checkpoint as one self-describing .onnx, checked for parity on real test tiles."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.export import check_parity, export_onnx
+from model.runtime import Predictor, read_model_metadata
+from training.data import WHITE, GeomAug, Sample, apply_geom
+from training.evaluate import evaluate_split, to_input
+from training.metrics import THRESHOLDS
+from training.report import fmt, read_report, write_report
+from training.stages import RunContext, StageError
+
+logger = logging.getLogger(__name__)
+
+PARITY_ATOL = 1e-4
+
+
+def real_tiles(samples: list[Sample], size: int, n: int) -> np.ndarray:
+    """Up to `n` uint8 (S, S, 3) tiles: top-left and centre crops of real images at the model's scale."""
+    tiles = []
+    for sample in samples:
+        h, w = sample.image.shape[:2]
+        for top, left in ((0, 0), (max(0, (h - size) // 2), max(0, (w - size) // 2))):
+            tiles.append(apply_geom(sample.image, GeomAug(top, left, False, False, 0), size, WHITE))
+            if len(tiles) == n:
+                return np.stack(tiles)
+    return np.stack(tiles)
+
+
+def _tau(ctx: RunContext, model: torch.nn.Module) -> float:
+    """τ from the evaluate stage (max mIoU on valpx), recomputed on valpx when that stage has not run."""
+    report = read_report(ctx.run_dir / "evaluate")
+    if report:
+        return float(report["results"]["pixelcam"]["tau"])
+    mcfg = model.config  # type: ignore[attr-defined]
+    val = evaluate_split(
+        model, ctx.samples("valcl"), mode="pixel", stride=mcfg.output_stride, mean=mcfg.mean, std=mcfg.std,
+        pixel_names=set(ctx.splits["valpx"]),
+    )
+    return float(THRESHOLDS[val.counts.best_index()])
+
+
+def _metrics(ctx: RunContext) -> dict[str, Any]:
+    """Test and validation numbers of both models, for the provenance block."""
+    report = read_report(ctx.run_dir / "evaluate")
+    out: dict[str, Any] = {}
+    for name, r in report.get("results", {}).items():
+        out[name] = {
+            "test_accuracy": r["test"]["accuracy"],
+            "test_pxap": r["test"].get("pxap"),
+            "test_dice_fg": r["test"].get("dice_fg"),
+            "test_miou": r["test"].get("miou"),
+            "valpx_pxap": r["valpx"].get("pxap"),
+            "valcl_accuracy": r["valcl"]["accuracy"],
+            "tau": r["tau"],
+        }
+    return out
+
+
+def run_export(ctx: RunContext) -> dict[str, Any]:
+    """Export pixelcam/best_localization.pt, run onnx checks and torch-vs-onnxruntime parity, copy if asked."""
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    ckpt = ctx.run_dir / "pixelcam" / "best_localization.pt"
+    if not ckpt.is_file():
+        raise StageError(f"{ckpt} not found: run --stage pixelcam first (same --run-dir)")
+    model, mcfg, payload = load_checkpoint(ckpt)
+    tau = min(max(_tau(ctx, model), 0.001), 0.999)
+    provenance = {
+        "dataset": f"{cfg.dataset}: {len(ctx.splits['train'])} training images "
+        f"(split seed {cfg.seed}) resampled to {cfg.input_mpp} µm/px",
+        "train_config_sha256": cfg.sha256(),
+        "metrics": _metrics(ctx),
+        "checkpoint": {"stage": "pixelcam", "selection": "best_localization (valpx PxAP)",
+                       "epoch": payload.get("extra", {}).get("row", {}).get("epoch")},
+        "trained_from": cfg.pretrained or "scratch (no pretrained weights)",
+    }
+    out_dir = ctx.run_dir / "export"
+    path = export_onnx(model, mcfg, out_dir / cfg.export_name, fg_threshold=tau, provenance=provenance)
+    meta = read_model_metadata(path)
+    tiles = real_tiles(ctx.samples("test"), mcfg.input_size, 8)
+    parity = check_parity(model, path, tiles, atol=PARITY_ATOL)
+    # an independent reference: the training code's own preprocessing, not the export wrapper's
+    with torch.no_grad():
+        out = model.eval()(to_input(tiles, mcfg.mean, mcfg.std))
+    pred = Predictor(path, providers=["CPUExecutionProvider"]).predict(tiles)
+    parity["class_probs_vs_training_path"] = float(
+        np.abs(pred.class_probs - torch.softmax(out.class_logits, 1).numpy()).max()
+    )
+    parity["fg_prob_vs_training_path"] = float(
+        np.abs(pred.fg_prob - torch.softmax(out.fg_logits, 1)[:, 1].numpy()).max()
+    )
+    if max(parity.values()) > PARITY_ATOL:
+        raise StageError(f"ONNX parity failed on real tiles: {parity}; the export does not match training")
+    copied = None
+    if cfg.copy_to:
+        dest = Path(cfg.copy_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        copied = str(shutil.copy2(path, dest / path.name))
+    wall = time.perf_counter() - t0
+    report = {
+        "stage": "export",
+        "onnx": str(path),
+        "bytes": path.stat().st_size,
+        "fg_threshold": tau,
+        "metadata": meta.to_dict(),
+        "parity_max_abs_diff": parity,
+        "parity_tiles": int(len(tiles)),
+        "copied_to": copied,
+        "wall_s": wall,
+    }
+    summary = (
+        f"# Stage export\n\n`{path}` ({path.stat().st_size / 1e6:.2f} MB), fg_threshold τ = {tau:.3f} (from valpx). "
+        f"onnx.checker and the runtime's metadata check passed. Parity on {len(tiles)} real test tiles "
+        f"(max |onnxruntime − torch|): " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
+        + f". Copied to: {copied or '-'}. Wall time {fmt(wall, 1)} s."
+    )
+    write_report(out_dir, report, summary)
+    return report
