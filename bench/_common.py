@@ -1,0 +1,156 @@
+"""Shared helpers of the benchmarks: the machine description, CPU-time clocks, child processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DATA = REPO_ROOT / "bench" / "_data"
+BENCH_OUT = REPO_ROOT / "bench" / "_out"
+_PACKAGES = (
+    "numpy",
+    "onnxruntime",
+    "onnx",
+    "torch",
+    "openslide-python",
+    "openslide-bin",
+    "tiffslide",
+    "tifffile",
+    "imagecodecs",
+    "opencv-python-headless",
+    "shapely",
+    "pillow",
+)
+
+
+class BenchError(RuntimeError):
+    """A benchmark step could not run; the message says what is missing."""
+
+
+def _cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_gib() -> float | None:
+    """Physical memory in GiB from /proc/meminfo."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _versions() -> dict[str, str]:
+    """Installed versions of the packages that set the numbers."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import openslide
+
+        out["libopenslide"] = str(openslide.__library_version__)
+    except (ImportError, AttributeError):
+        pass
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores usable, RAM, load, OS and versions."""
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mem_total_gib": _mem_total_gib(),
+        "loadavg_1_5_15": list(os.getloadavg()),
+        "os": platform.platform(),
+        "versions": _versions(),
+    }
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+@dataclass
+class Clock:
+    """Wall and process-CPU seconds of one measured block."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def rate(self, n: int) -> dict[str, float]:
+        """Items per wall second and CPU seconds per item."""
+        return {
+            "n": n,
+            "wall_s": round(self.wall_s, 3),
+            "cpu_s": round(self.cpu_s, 3),
+            "per_s": round(n / self.wall_s, 3) if self.wall_s > 0 else float("nan"),
+            "cpu_s_per_item": round(self.cpu_s / n, 5) if n else float("nan"),
+        }
+
+
+@contextmanager
+def clocked() -> Iterator[Clock]:
+    """Measure the wall time and the CPU time of the block (the CPU time includes every thread)."""
+    clock = Clock()
+    wall0, cpu0 = time.perf_counter(), _cpu_s()
+    try:
+        yield clock
+    finally:
+        clock.wall_s = time.perf_counter() - wall0
+        clock.cpu_s = _cpu_s() - cpu0
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def run_child(args: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run ``python <args>`` in a fresh process; its last stdout line is a JSON report."""
+    cmd = [sys.executable, *args]
+    logger.info("child: %s", " ".join(cmd))
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise BenchError(f"child {' '.join(args)} ran over {timeout_s:.0f} s; use a smaller slide") from err
+    if done.returncode != 0:
+        raise BenchError(f"child {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise BenchError(f"child {' '.join(args)} printed no JSON report:\n{done.stdout[-2000:]}")
+    report: dict[str, Any] = json.loads(lines[-1])
+    return report

@@ -1,0 +1,454 @@
+"""Whole-slide analysis benchmark: the PERFORMANCE.md ratios from one run on generated slides.
+
+Usage: ``python bench/bench_analyze.py [--width 24000 --height 24000] [--threads N] [--json OUT.json]``
+
+Prints and writes as JSON, all measured in this one run on one generated slide:
+
+- pipeline efficiency: ``analyze_slide`` tissue tiles/s (warm) / the same ONNX model alone on pre-decoded uint8
+  batches, same predictor threads;
+- reading ratio: the pipeline's read + decode + resize path with a no-op model / OpenSlide ``read_region``
+  (+ RGBA->RGB + the same resize) on the same tiles with the same number of threads;
+- the ratio against the naive loop: OpenSlide ``read_region`` + torch eager, batch 1, the same network weights
+  (a subset of tiles);
+- peak RSS of an analysis of this slide and of one with 4x the tissue (each in a fresh process), and their ratio;
+- CPU-seconds per tile for each, thread counts, cold (fresh process) vs warm, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    BENCH_DATA,
+    BENCH_OUT,
+    REPO_ROOT,
+    BenchError,
+    clocked,
+    machine_info,
+    peak_rss_mib,
+    run_child,
+)
+from make_slide import SlideSpec, write_slide  # noqa: E402
+
+logger = logging.getLogger("bench_analyze")
+
+DEMO_MODEL = REPO_ROOT / "model" / "weights" / "pixelcam-glas-resnet18.onnx"
+GOALS = {"pipeline_efficiency": 0.90, "reading_ratio": 3.0, "naive_ratio": 5.0, "rss_ratio_4x": 1.2}
+
+
+def ensure_slide(width: int, height: int, fraction: float, seed: int) -> Path:
+    """Generate the benchmark slide once (cached under bench/_data/ by its parameters)."""
+    path = BENCH_DATA / f"bench-{width}x{height}-f{fraction:g}-s{seed}.svs"
+    if not path.is_file():
+        logger.info("generating %s", path.name)
+        write_slide(path, SlideSpec((width, height), fraction, 0.5, 256, 80, "svs", seed))
+    return path
+
+
+def ensure_model(args: argparse.Namespace) -> tuple[Path, Any, str]:
+    """The ONNX model to measure, a torch model with the same weights for the naive loop, and a note."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    if args.model is not None or (DEMO_MODEL.is_file() and not args.random_model):
+        onnx_path = args.model or DEMO_MODEL
+        if args.checkpoint is not None:
+            torch_model, _, _ = load_checkpoint(args.checkpoint)
+            return onnx_path, torch_model, f"{onnx_path.name} + checkpoint {args.checkpoint.name}"
+        logger.warning(
+            "no --checkpoint for %s: the naive loop uses random weights of the same architecture",
+            onnx_path.name,
+        )
+        torch_model, _ = _random_model(args.seed)
+        return onnx_path, torch_model, f"{onnx_path.name}; naive loop: same architecture, random weights"
+    onnx_path = BENCH_OUT / f"random-resnet18-w0.5-os8-s{args.seed}.onnx"
+    ckpt = onnx_path.with_suffix(".pt")
+    if onnx_path.is_file() and ckpt.is_file():
+        torch_model, _, _ = load_checkpoint(ckpt)
+    else:
+        from model.export import export_onnx
+
+        torch_model, cfg = _random_model(args.seed)
+        save_checkpoint(ckpt, torch_model, cfg)
+        export_onnx(torch_model, cfg, onnx_path, provenance={"dataset": "none (random initialisation)"})
+    return onnx_path, torch_model, f"{onnx_path.name} (random init, seed {args.seed}) and its checkpoint"
+
+
+def _random_model(seed: int) -> tuple[Any, Any]:
+    """resnet18, width 0.5, output stride 8, input_mpp 1.0, randomly initialised from ``seed``."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.network import build_model
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder_name="resnet18", encoder_width=0.5, output_stride=8, input_mpp=1.0)
+    return build_model(cfg).eval(), cfg
+
+
+class NoopPredictor:
+    """Stands in for ``model.runtime.Predictor``: same interface, returns zeros without computing."""
+
+    def __init__(self, real: Any) -> None:
+        self.metadata, self.sha256 = real.metadata, real.sha256
+        self.input_size, self.fm_size = real.input_size, real.fm_size
+        self.calls = 0
+
+    def predict(self, tiles: np.ndarray) -> Any:
+        """Zeros of the right shapes; the tiles were read, decoded and resized to get here."""
+        from model.runtime import Prediction
+
+        self.calls += 1
+        n = len(tiles)
+        n_classes = self.metadata.num_classes
+        return Prediction(
+            class_probs=np.zeros((n, n_classes), np.float32),
+            fg_prob=np.zeros((n, self.fm_size, self.fm_size), np.float32),
+        )
+
+
+def plan_for(slide_path: Path, predictor: Any, job_dir: Path) -> Any:
+    """The pipeline's own tile plan for the slide (same tissue detection and grid as the analysis)."""
+    from service.pipeline import AnalysisOptions, prepare_job
+
+    return prepare_job(slide_path, predictor.metadata, AnalysisOptions(), job_dir)
+
+
+def measure_model_alone(predictor: Any, tiles: np.ndarray, n_tiles: int, batch: int) -> dict[str, Any]:
+    """The ONNX model alone on pre-decoded uint8 batches: ``n_tiles`` tiles in batches of ``batch``."""
+    batches = [tiles[i : i + batch] for i in range(0, len(tiles) - batch + 1, batch)]
+    predictor.predict(batches[0])  # warm-up: allocations and kernel selection
+    done = 0
+    with clocked() as clock:
+        while done < n_tiles:
+            predictor.predict(batches[(done // batch) % len(batches)])
+            done += batch
+    return clock.rate(done)
+
+
+def measure_analysis(slide_path: Path, predictor: Any, out_dir: Path, n_tiles: int) -> dict[str, Any]:
+    """``analyze_slide`` end to end (open, tissue, plan, read, infer, stitch, write outputs)."""
+    from service.pipeline import AnalysisOptions, analyze_slide
+
+    with clocked() as clock:
+        analyze_slide(slide_path, predictor, out_dir, AnalysisOptions())
+    return clock.rate(n_tiles)
+
+
+def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -> dict[str, Any]:
+    """The pipeline's read + decode + resize path over every planned tile, chunk by chunk, model a no-op."""
+    from service.pipeline import run_chunk
+    from service.slides import open_slide
+
+    with open_slide(slide_path) as slide:
+        run_chunk(slide, plan, range(min(32, len(plan))), noop)  # warm-up: imports, page cache of the head
+    done = 0
+    with clocked() as clock, open_slide(slide_path) as slide:
+        for chunk in plan.chunks():
+            done += len(run_chunk(slide, plan, chunk, noop).class_probs)
+    if done != len(plan):
+        raise BenchError(f"run_chunk returned {done} outputs for {len(plan)} tiles")
+    return clock.rate(done)
+
+
+def _openslide_tile(osl: Any, l0_xy: np.ndarray, level: int, lvl_side: int, in_side: int) -> np.ndarray:
+    """What a user writes with OpenSlide: read_region, drop alpha, resize to the model input."""
+    rgb = np.asarray(
+        osl.read_region((int(l0_xy[0]), int(l0_xy[1])), level, (lvl_side, lvl_side)).convert("RGB")
+    )
+    if lvl_side != in_side:
+        rgb = cv2.resize(rgb, (in_side, in_side), interpolation=cv2.INTER_AREA)
+    return rgb
+
+
+def measure_openslide_reading(slide_path: Path, plan: Any, in_side: int, threads: int) -> dict[str, Any]:
+    """OpenSlide ``read_region`` on the same tiles, ``threads`` threads sharing one handle (it is thread-safe)."""
+    import openslide
+
+    lvl_side, level = int(plan.tiles.lvl_tile_size), int(plan.tiles.level)
+    with openslide.OpenSlide(str(slide_path)) as warm:  # warm-up on its own handle: OpenSlide caches tiles
+        for i in range(min(32, len(plan))):
+            _openslide_tile(warm, plan.l0_xy[i], level, lvl_side, in_side)
+    with openslide.OpenSlide(str(slide_path)) as osl:
+
+        def read(i: int) -> int:
+            return int(_openslide_tile(osl, plan.l0_xy[i], level, lvl_side, in_side)[0, 0, 0])
+
+        with clocked() as clock, ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(read, range(len(plan)), chunksize=16))
+    return clock.rate(len(plan))
+
+
+def measure_naive(
+    slide_path: Path, plan: Any, torch_model: Any, n_tiles: int, threads: int
+) -> dict[str, Any]:
+    """The naive loop: OpenSlide read_region + torch eager, batch 1, one tile after the other."""
+    import openslide
+    import torch
+
+    from model.export import OnnxWrapper
+
+    torch.set_num_threads(threads)
+    wrapper = OnnxWrapper(torch_model, torch_model.config).eval()
+    in_side = torch_model.config.input_size
+    picks = np.linspace(0, len(plan.l0_xy) - 1, num=min(n_tiles, len(plan.l0_xy))).astype(int)
+    osl = openslide.OpenSlide(str(slide_path))
+    try:
+        with torch.no_grad():
+            for i in picks[:2]:  # warm-up
+                wrapper(
+                    torch.from_numpy(
+                        _openslide_tile(
+                            osl, plan.l0_xy[i], plan.tiles.level, plan.tiles.lvl_tile_size, in_side
+                        )
+                    )[None]
+                )
+            with clocked() as clock:
+                for i in picks:
+                    tile = _openslide_tile(
+                        osl, plan.l0_xy[i], plan.tiles.level, int(plan.tiles.lvl_tile_size), in_side
+                    )
+                    probs, fg = wrapper(torch.from_numpy(tile)[None])
+                    probs.numpy(), fg.numpy()
+    finally:
+        osl.close()
+    return clock.rate(len(picks))
+
+
+def predecoded_tiles(slide_path: Path, plan: Any, in_side: int, n: int) -> np.ndarray:
+    """Up to ``n`` planned tiles read and resized once, as the model-alone measurement's input (N, S, S, 3)."""
+    from service.slides import open_slide
+
+    slide = open_slide(slide_path)
+    try:
+        side = int(plan.tiles.lvl_tile_size)
+        picks = np.linspace(0, len(plan.l0_xy) - 1, num=min(n, len(plan.l0_xy))).astype(int)
+        tiles = []
+        for i in picks:
+            rgb = slide.read_region(
+                (int(plan.l0_xy[i][0]), int(plan.l0_xy[i][1])), plan.tiles.level, (side, side)
+            )
+            tiles.append(cv2.resize(rgb, (in_side, in_side), interpolation=cv2.INTER_AREA))
+    finally:
+        slide.close()
+    return np.stack(tiles)
+
+
+def child_analyze(slide: Path, model: Path, threads: int, out_dir: Path) -> int:
+    """Fresh-process analysis for peak RSS and the cold numbers; prints one JSON line."""
+    from model.runtime import Predictor
+    from service.pipeline import AnalysisOptions, analyze_slide
+
+    rss_before_mib = peak_rss_mib()
+    with clocked() as load:
+        predictor = Predictor(model, threads=threads)
+    with clocked() as run:
+        analyze_slide(slide, predictor, out_dir, AnalysisOptions())
+    report = {
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_after_imports_mib": round(rss_before_mib, 1),
+        "session_load": load.rate(1),
+        "analysis_wall_s": round(run.wall_s, 3),
+        "analysis_cpu_s": round(run.cpu_s, 3),
+    }
+    print(json.dumps(report))
+    return 0
+
+
+def _ratio(num: float, den: float) -> float:
+    return round(num / den, 3) if den > 0 else float("nan")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, in one process (plus two children for RSS), on one generated slide."""
+    from model.export import check_parity
+    from model.runtime import Predictor
+
+    threads = args.threads
+    results: dict[str, Any] = {"machine": machine_info(), "threads": {"predictor_intra_op": threads}}
+    small = ensure_slide(args.width, args.height, args.tissue_fraction, args.seed)
+    large = ensure_slide(2 * args.width, 2 * args.height, args.tissue_fraction, args.seed)
+    onnx_path, torch_model, model_note = ensure_model(args)
+    results["model"] = {
+        "path": str(onnx_path.relative_to(REPO_ROOT))
+        if onnx_path.is_relative_to(REPO_ROOT)
+        else str(onnx_path),
+        "note": model_note,
+    }
+    predictor = Predictor(onnx_path, threads=threads)
+    in_side = predictor.input_size
+    work = Path(tempfile.mkdtemp(prefix="pixelcam-bench-", dir=BENCH_OUT))
+    plan = plan_for(small, predictor, work / "job-small")
+    plan_large = plan_for(large, predictor, work / "job-large")
+    n_small, n_large = len(plan.l0_xy), len(plan_large.l0_xy)
+    results["slides"] = {
+        "small": {
+            "path": small.name,
+            "tissue_tiles": n_small,
+            "lvl_tile_size": int(plan.tiles.lvl_tile_size),
+            "level": int(plan.tiles.level),
+            "input_size": in_side,
+        },
+        "large": {"path": large.name, "tissue_tiles": n_large},
+    }
+    logger.info("small slide: %d tissue tiles; large: %d", n_small, n_large)
+    tiles = predecoded_tiles(small, plan, in_side, 128)
+    if "random" in model_note or "checkpoint" in model_note:
+        results["model"]["parity_torch_vs_onnx"] = check_parity(torch_model, onnx_path, tiles[:2], atol=1e-3)
+    batch = int(getattr(_options(), "batch_size", 16))
+    n_model = min(n_small, args.model_tiles)
+    model_a = measure_model_alone(predictor, tiles, n_model, batch)
+    first = measure_analysis(small, predictor, work / "run-first", n_small)
+    warm = measure_analysis(small, predictor, work / "run-warm", n_small)
+    model_b = measure_model_alone(predictor, tiles, n_model, batch)
+    model_per_s = (model_a["per_s"] + model_b["per_s"]) / 2
+    results["model_alone"] = {"batch": batch, "before": model_a, "after": model_b, "mean_per_s": model_per_s}
+    results["analysis"] = {"first_in_process": first, "warm": warm}
+    pipe_read = measure_pipeline_reading(small, plan, NoopPredictor(predictor))
+    osl_read = measure_openslide_reading(small, plan, in_side, threads)
+    results["reading"] = {
+        "pipeline_noop_model": pipe_read,
+        "openslide_read_region": osl_read,
+        "openslide_threads": threads,
+    }
+    naive = measure_naive(small, plan, torch_model, args.naive_tiles, threads)
+    results["naive"] = {**naive, "torch_threads": threads}
+    if not args.skip_rss:
+        results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
+    results["ratios"] = {
+        "pipeline_efficiency": _ratio(warm["per_s"], model_per_s),
+        "reading_ratio": _ratio(pipe_read["per_s"], osl_read["per_s"]),
+        "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
+    }
+    if "rss" in results:
+        results["ratios"]["rss_ratio_4x"] = results["rss"]["ratio"]
+    results["goals"] = GOALS
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    return results
+
+
+def _options() -> Any:
+    from service.pipeline import AnalysisOptions
+
+    return AnalysisOptions()
+
+
+def measure_rss(
+    small: Path, large: Path, model: Path, threads: int, work: Path, n_small: int, n_large: int
+) -> dict[str, Any]:
+    """Peak RSS of one analysis of each slide, each in a fresh process."""
+    runs = {}
+    for name, slide, n in (("small", small, n_small), ("large_4x_tissue", large, n_large)):
+        report = run_child(
+            [
+                "bench/bench_analyze.py",
+                "--child-analyze",
+                str(slide),
+                "--model",
+                str(model),
+                "--threads",
+                str(threads),
+                "--child-out",
+                str(work / f"child-{name}"),
+            ],
+            timeout_s=3600,
+        )
+        report["tissue_tiles"] = n
+        report["cold_tiles_per_s"] = _ratio(n, report["analysis_wall_s"])
+        report["cpu_s_per_tile"] = round(report["analysis_cpu_s"] / n, 5)
+        runs[name] = report
+    runs["ratio"] = _ratio(runs["large_4x_tissue"]["peak_rss_mib"], runs["small"]["peak_rss_mib"])
+    return runs
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    """The ratios first, each with its raw numbers, then the machine."""
+    r, m = res["ratios"], res["machine"]
+    warm, alone = res["analysis"]["warm"], res["model_alone"]
+    rd = res["reading"]
+    lines = [
+        f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['mem_total_gib']} GiB, "
+        f"load {m['loadavg_1_5_15'][0]:.2f} -> {m['loadavg_at_end'][0]:.2f}; threads {res['threads']}",
+        f"model: {res['model']['note']}",
+        f"slide: {res['slides']['small']['path']}: {res['slides']['small']['tissue_tiles']} tissue tiles",
+        f"pipeline efficiency {r['pipeline_efficiency']:.3f} (goal >= {GOALS['pipeline_efficiency']}): "
+        f"analysis {warm['per_s']:.2f} tiles/s ({warm['cpu_s_per_item']:.4f} CPU-s/tile) / model alone "
+        f"{alone['mean_per_s']:.2f} tiles/s (before {alone['before']['per_s']:.2f}, after {alone['after']['per_s']:.2f}, "
+        f"{alone['before']['cpu_s_per_item']:.4f} CPU-s/tile, batch {alone['batch']})",
+        f"reading ratio {r['reading_ratio']:.2f} (goal >= {GOALS['reading_ratio']}): pipeline no-op model "
+        f"{rd['pipeline_noop_model']['per_s']:.1f} tiles/s ({rd['pipeline_noop_model']['cpu_s_per_item']:.5f} CPU-s/tile)"
+        f" / OpenSlide read_region {rd['openslide_read_region']['per_s']:.1f} tiles/s "
+        f"({rd['openslide_read_region']['cpu_s_per_item']:.5f} CPU-s/tile)",
+        f"naive ratio {r['naive_ratio']:.2f}x (goal >= {GOALS['naive_ratio']}): analysis {warm['per_s']:.2f} tiles/s / "
+        f"naive {res['naive']['per_s']:.2f} tiles/s on {res['naive']['n']} tiles "
+        f"({res['naive']['cpu_s_per_item']:.4f} CPU-s/tile)",
+        f"first analysis in the process: {res['analysis']['first_in_process']['per_s']:.2f} tiles/s",
+    ]
+    if "rss" in res:
+        rs = res["rss"]
+        lines.append(
+            f"peak RSS ratio {rs['ratio']:.3f} (goal <= {GOALS['rss_ratio_4x']}): "
+            f"{rs['large_4x_tissue']['peak_rss_mib']:.0f} MiB ({rs['large_4x_tissue']['tissue_tiles']} tiles) / "
+            f"{rs['small']['peak_rss_mib']:.0f} MiB ({rs['small']['tissue_tiles']} tiles); cold runs "
+            f"{rs['small']['cold_tiles_per_s']:.2f} and {rs['large_4x_tissue']['cold_tiles_per_s']:.2f} tiles/s, "
+            f"session load {rs['small']['session_load']['wall_s']:.2f} s"
+        )
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--width", type=int, default=16000, help="small slide width (the large one is 2x each side)"
+    )
+    ap.add_argument("--height", type=int, default=16000)
+    ap.add_argument("--tissue-fraction", type=float, default=0.25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="predictor/reader threads"
+    )
+    ap.add_argument(
+        "--model", type=Path, default=None, help="ONNX model (default: the demo model, else random)"
+    )
+    ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint with the --model's weights")
+    ap.add_argument("--random-model", action="store_true", help="use a random model even if the demo exists")
+    ap.add_argument("--model-tiles", type=int, default=256, help="tiles for the model-alone measurement")
+    ap.add_argument("--naive-tiles", type=int, default=48, help="tiles for the naive loop")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/_out/)")
+    ap.add_argument("--child-analyze", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.child_analyze is not None:
+        return child_analyze(args.child_analyze, args.model, args.threads, args.child_out)
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        results = run_benchmark(args)
+    except BenchError as err:
+        logger.error("%s", err)
+        return 2
+    results["bench_wall_s"] = round(time.perf_counter() - started, 1)
+    out = args.json or BENCH_OUT / f"bench_analyze-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print_summary(results)
+    print(f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
