@@ -15,8 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -35,6 +34,7 @@ from service._jobfiles import (
     load_chunk,
     save_chunk,
 )
+from service.reader import TileReader
 from service.slides import Slide, open_slide
 from service.stitching import HeatmapGrid, stitch_bands
 from service.tiling import TilePlan, detect_tissue, plan_tiles
@@ -177,7 +177,12 @@ class JobPlan:
         doc.update(version=PLAN_VERSION, tiles=tiles, options=self.options.to_dict(), n_tiles=len(self))
         tmp = folder / f".{TILES_FILE}.tmp"
         with tmp.open("wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(
+                fh,
+                l0_xy=arrays["l0_xy"],
+                t_grid_xy=arrays["t_grid_xy"],
+                tissue_fraction=arrays["tissue_fraction"],
+            )
         os.replace(tmp, folder / TILES_FILE)
         tmp = folder / f".{PLAN_FILE}.tmp"
         tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
@@ -216,7 +221,7 @@ def file_sha256(path: str | os.PathLike[str], block_bytes: int = 1 << 22) -> str
 
 
 def prepare_job(
-    slide_path: str | os.PathLike[str],
+    slide_path: str | Path,
     model_meta: ModelMetadata,
     options: AnalysisOptions,
     job_dir: str | os.PathLike[str],
@@ -265,33 +270,6 @@ def prepare_job(
     return plan
 
 
-def _read_tile(slide: Slide, tiles: TilePlan, t: int) -> np.ndarray:
-    """One model-input tile (S, S, 3) uint8: read at the plan's level and resized to the input size."""
-    x, y = (int(v) for v in tiles.l0_xy[t])
-    side = tiles.lvl_tile_size
-    rgb = slide.read_region((x, y), tiles.level, (side, side))
-    if side == tiles.input_size:
-        return rgb
-    shrink = side > tiles.input_size
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(rgb, (tiles.input_size, tiles.input_size), interpolation=interp)
-
-
-def _batches(slide: Slide, plan: JobPlan, indices: np.ndarray) -> Iterator[np.ndarray]:
-    """Full batches (B, S, S, 3) of the given tiles, in order (the last may be short); reads run ahead."""
-    batch = plan.options.batch_size
-    with ThreadPoolExecutor(max_workers=plan.options.reader_threads, thread_name_prefix="tile-read") as pool:
-        pending = [pool.submit(_read_tile, slide, plan.tiles, int(t)) for t in indices[: 2 * batch]]
-        queued = len(pending)
-        while pending:
-            tiles = [f.result() for f in pending[:batch]]
-            pending = pending[batch:]
-            more = indices[queued : queued + batch]
-            pending += [pool.submit(_read_tile, slide, plan.tiles, int(t)) for t in more]
-            queued += len(more)
-            yield np.stack(tiles)
-
-
 def run_chunk(
     slide: Slide,
     plan: JobPlan,
@@ -299,8 +277,13 @@ def run_chunk(
     predictor: TilePredictor,
     *,
     on_batch: Callable[[int], None] | None = None,
+    reader: TileReader | None = None,
 ) -> ChunkOutput:
-    """Read, decode and predict the given plan tiles with one predictor; decoding overlaps inference."""
+    """Read, decode and predict the given plan tiles with one predictor; decoding overlaps inference.
+
+    Batches are full (`options.batch_size`) except the chunk's last. Pass a long-lived `reader` to share its
+    threads and tile cache across chunks; otherwise one is opened for this chunk.
+    """
     t0 = time.perf_counter()
     indices = np.asarray(tile_indices, dtype=np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= len(plan)):
@@ -311,8 +294,11 @@ def run_chunk(
     class_probs = np.zeros((indices.size, n_classes), np.float32)
     fg = np.zeros((indices.size, plan.fm_size, plan.fm_size), np.float32)
     done, infer_s = 0, 0.0
-    if indices.size:
-        for batch in _batches(slide, plan, indices):
+    active = reader if reader is not None or indices.size == 0 else None
+    if active is None:
+        active = TileReader(slide, plan.tiles, threads=plan.options.reader_threads)
+    try:
+        for _, batch in active.iter_batches(indices, plan.options.batch_size) if active is not None else ():
             t1 = time.perf_counter()
             pred = predictor.predict(batch)
             infer_s += time.perf_counter() - t1
@@ -322,6 +308,9 @@ def run_chunk(
             done += n
             if on_batch is not None:
                 on_batch(n)
+    finally:
+        if reader is None and active is not None:
+            active.close()
     if done != indices.size:
         raise PipelineError(f"the reader returned {done} of {indices.size} tiles; the slide may be truncated")
     wall_s = time.perf_counter() - t0
@@ -367,7 +356,7 @@ class Progress:
 
 
 def analyze_slide(
-    slide_path: str | os.PathLike[str],
+    slide_path: str | Path,
     predictor: TilePredictor,
     out_dir: str | os.PathLike[str],
     options: AnalysisOptions | None = None,
@@ -393,9 +382,12 @@ def analyze_slide(
 
     if progress is not None:
         progress(Progress(0, len(plan), 0.0))
-    with open_slide(slide_path, mpp_override=options.mpp_override) as slide:
+    with (
+        open_slide(slide_path, mpp_override=options.mpp_override) as slide,
+        TileReader(slide, plan.tiles, threads=options.reader_threads) as reader,
+    ):
         for chunk_id, tiles in enumerate(plan.chunks()):
-            save_chunk(work, chunk_id, run_chunk(slide, plan, tiles, predictor, on_batch=tick))
+            save_chunk(work, chunk_id, run_chunk(slide, plan, tiles, predictor, on_batch=tick, reader=reader))
     sha = model_sha256 or getattr(predictor, "sha256", None) or "unknown"
     result = finalize_job(work, plan, predictor.metadata, sha, out_dir=out)
     shutil.rmtree(work / CHUNKS_DIR, ignore_errors=True)
