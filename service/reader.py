@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 _JPEG = 7
 _RGB, _YCBCR = 2, 6
 _CACHE_BYTES = 96 << 20
+_FAST_VENDORS = ("aperio", "generic-tiff")
 
 
 class _TileCache:
@@ -134,16 +135,18 @@ class TileReader:
                  threads: int | None = None, cache_bytes: int = _CACHE_BYTES) -> None:
         if isinstance(slide_path_or_slide, Slide):
             self._path: str | Path = slide_path_or_slide.path
-            self._mpp: float | None = slide_path_or_slide.info.mpp
-            level_wh = slide_path_or_slide.info.level_sizes_wh[plan.level]
+            info = slide_path_or_slide.info
         else:
-            self._path, self._mpp = slide_path_or_slide, plan.slide_mpp
-            with open_slide(self._path, mpp_override=self._mpp) as probe:
-                level_wh = probe.info.level_sizes_wh[plan.level]
+            self._path = slide_path_or_slide
+            with open_slide(self._path, mpp_override=plan.slide_mpp) as probe:
+                info = probe.info
+        self._mpp = info.mpp
         self.plan = plan
         self.input_size = int(input_size or plan.input_size)
         self.threads = int(threads or min(4, os.cpu_count() or 1))
-        self._level: _TiffLevel | None = self._try_fast(level_wh)
+        self._level: _TiffLevel | None = None
+        if info.vendor in _FAST_VENDORS:  # formats whose OpenSlide level-0 frame is tifffile's first series
+            self._level = self._try_fast(info.level_sizes_wh[plan.level])
         self._cache = _TileCache(cache_bytes)
         self._local = threading.local()
         self._handles: list[Any] = []

@@ -234,19 +234,17 @@ def _check_tiff_pixels(path: Path, tif: Any) -> None:
                 f"--compression jpeg`", code="not-tiled")
 
 
-def _inspect_tiff(path: Path, head: bytes) -> tuple[int, dict[str, Any]]:
-    """Validate a TIFF's structure and pixels; return tifffile's level count and level-0 resolution tags."""
+def _inspect_tiff(path: Path, check_pixels: bool) -> tuple[int, dict[str, Any]]:
+    """Validate a TIFF's structure (and pixels); return tifffile's level count and level-0 resolution tags."""
     import tifffile
 
-    err = truncated_header_error(path, head)
-    if err:
-        raise err
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise UnsupportedSlideError(f"{path.name!r} is a TIFF without images", code="not-a-slide")
             check_tiff_complete(path, tif)
-            _check_tiff_pixels(path, tif)
+            if check_pixels:
+                _check_tiff_pixels(path, tif)
             return len(tif.series[0].levels), _resolution_tags(tif.series[0].levels[0].keyframe)
     except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError) as err:
         raise UnsupportedSlideError(f"{path.name!r} is a damaged TIFF ({err}); copy or upload the complete "
@@ -337,38 +335,67 @@ def _open_remote(url: str, mpp_override: float | None) -> Slide:
     return Slide(url, backend, "tiffslide", info, props)
 
 
+def _open_tiff_family(target: Path, head: bytes) -> tuple[Any, str, dict[str, Any]]:
+    """OpenSlide for vendor TIFFs; tiffslide where OpenSlide refuses or misses SubIFD levels (generic TIFF)."""
+    err = truncated_header_error(target, head)
+    if err:
+        raise err
+    backend, os_error = _open_openslide(target)
+    generic = backend is None or backend.properties.get("openslide.vendor") == "generic-tiff"
+    try:
+        tiff_levels, tiff_props = _inspect_tiff(target, check_pixels=generic)
+    except UnsupportedSlideError as err:
+        if backend is None or err.code != "corrupt":
+            if backend is not None:
+                backend.close()
+            raise
+        logger.warning("tifffile cannot parse %s (%s); relying on OpenSlide", target.name, err)
+        return backend, "openslide", {}
+    if backend is not None and generic and backend.level_count < tiff_levels:
+        logger.info("%s: tiffslide sees %d levels, OpenSlide %d; using tiffslide", target.name, tiff_levels,
+                    backend.level_count)
+        backend.close()
+        backend = None
+    if backend is not None:
+        return backend, "openslide", tiff_props if generic else {}
+    import tiffslide
+
+    try:
+        return tiffslide.TiffSlide(target), "tiffslide", tiff_props
+    except Exception as err:  # tifffile raises many types on damaged files
+        raise unknown_format_error(target, f"OpenSlide: {os_error}; tiffslide: {err}") from err
+
+
+def _format_name(target: Path, kind: str) -> str:
+    """Container format: 'dicom', or the file extension ('svs', 'tiff', 'ndpi', 'mrxs', ...)."""
+    if kind == "dicom":
+        return "dicom"
+    suffix = target.suffix.lower().lstrip(".")
+    return {"tif": "tiff", "": kind}.get(suffix, suffix)
+
+
 def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
     """Open a slide file (or a DICOM series folder, or an fsspec URL); refuse with a specific reason."""
     if isinstance(path, str) and "://" in path:
         return _open_remote(path, mpp_override)
     target = _resolve_local(Path(path))
     kind, head = sniff(target)
-    tiff_levels, tiff_props = _inspect_tiff(target, head) if kind == "tiff" else (0, {})
-    backend, os_error = _open_openslide(target)
-    backend_name = "openslide"
-    if backend is not None and kind == "tiff" and backend.level_count < tiff_levels:
-        logger.info("%s: tiffslide sees %d levels, OpenSlide %d; using tiffslide", target.name, tiff_levels,
-                    backend.level_count)
-        backend.close()
-        backend = None
-    if backend is None:
-        if kind == "dicom":
-            raise diagnose_dicom(target, os_error or "")
-        if kind != "tiff":
+    tiff_props: dict[str, Any] = {}
+    if kind == "tiff":
+        backend, backend_name, tiff_props = _open_tiff_family(target, head)
+    else:
+        backend, os_error = _open_openslide(target)
+        backend_name = "openslide"
+        if backend is None:
+            if kind == "dicom":
+                raise diagnose_dicom(target, os_error or "")
             raise unknown_format_error(target, f"OpenSlide: {os_error}")
-        import tiffslide
-
-        try:
-            backend = tiffslide.TiffSlide(target)
-        except Exception as err:  # tifffile raises many types on damaged files
-            raise unknown_format_error(target, f"OpenSlide: {os_error}; tiffslide: {err}") from err
-        backend_name = "tiffslide"
     try:
         props = {str(k): v for k, v in backend.properties.items()} | tiff_props
         if kind == "dicom":
             _check_dicom_brightfield(target, props)
-        fmt = "dicom" if kind == "dicom" else {"tif": "tiff", "": kind}.get(target.suffix.lower().lstrip("."), target.suffix.lower().lstrip("."))
-        info = _build_info(target.name, target, fmt, backend, backend_name, props, mpp_override)
+        info = _build_info(target.name, target, _format_name(target, kind), backend, backend_name, props,
+                           mpp_override)
     except SlideError:
         backend.close()
         raise

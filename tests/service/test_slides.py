@@ -193,3 +193,52 @@ def test_large_striped_tiff_refused_as_not_tiled(tmp_path: Path, monkeypatch: py
     with pytest.raises(UnsupportedSlideError, match="not tiled") as info:
         open_slide(path)
     assert info.value.code == "not-tiled"
+
+
+# MPP resolution order and sanity, on property dicts ---------------------------------------------------------
+
+
+def test_mpp_order_openslide_then_vendor_then_tiff_then_tiffslide() -> None:
+    from service._slidemeta import resolve_mpp
+
+    props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.26", "aperio.MPP": "0.5",
+             "tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter", "tiffslide.mpp-x": 0.3}
+    assert resolve_mpp(props, None, "s") == (0.25, 0.26, "openslide.mpp-x")
+    del props["openslide.mpp-x"]
+    assert resolve_mpp(props, None, "s") == (0.5, 0.5, "aperio.MPP")
+    del props["aperio.MPP"]
+    assert resolve_mpp(props, None, "s") == (0.25, 0.25, "tiff.XResolution")
+    del props["tiff.XResolution"]
+    assert resolve_mpp(props, None, "s") == (0.3, 0.3, "tiffslide.mpp-x")
+
+
+def test_mpp_from_dicom_spacing_and_inch_tags() -> None:
+    from service._slidemeta import resolve_mpp
+
+    spacing = "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing"
+    mpp_x, mpp_y, source = resolve_mpp({f"{spacing}[0]": "0.000243", f"{spacing}[1]": "0.000242"}, None, "d")
+    assert (round(mpp_x, 6), round(mpp_y, 6), source) == (0.242, 0.243, "dicom.PixelSpacing")
+    inch = {"tiff.XResolution": "101600", "tiff.YResolution": "101600", "tiff.ResolutionUnit": "inch"}
+    assert resolve_mpp(inch, None, "t") == (0.25, 0.25, "tiff.XResolution")
+    with pytest.raises(MissingMppError, match="72 dpi"):
+        resolve_mpp({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}, None, "screen.tif")
+
+
+def test_mpp_must_agree_with_objective_power() -> None:
+    from service._slidemeta import resolve_mpp
+
+    # a 40x scan cannot have 2 um pixels; the plausible vendor value behind it is used instead
+    props = {"openslide.mpp-x": "2.0", "aperio.MPP": "0.25", "openslide.objective-power": "40"}
+    assert resolve_mpp(props, None, "s")[2] == "aperio.MPP"
+    del props["aperio.MPP"]
+    with pytest.raises(MissingMppError, match="inconsistent with objective power 40x"):
+        resolve_mpp(props, None, "s")
+    assert resolve_mpp(props, 2.0, "s") == (2.0, 2.0, "override")  # the user's word wins
+
+
+def test_fsspec_url_opens_through_tiffslide(slides_dir: Path) -> None:
+    url = (slides_dir / "CMU-1-Small-Region.svs").resolve().as_uri()
+    with open_slide(url) as slide:
+        assert slide.info.backend == "tiffslide"
+        assert slide.info.mpp_x == pytest.approx(0.499)
+        assert slide.read_region((0, 0), 0, (32, 32)).shape == (32, 32, 3)
