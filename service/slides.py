@@ -37,7 +37,7 @@ __all__ = ["MAX_UNTILED_PX", "MissingMppError", "Slide", "SlideError", "SlideInf
 logger = logging.getLogger(__name__)
 
 MAX_UNTILED_PX = 64_000_000  # a striped TIFF above this (about 190 MB of RGB) is refused as "not tiled"
-_BAND_BYTES = 64 << 20  # memory budget of one band when reading a downscaled whole-slide image
+_BAND_BYTES = 32 << 20  # memory budget of one band when reading a downscaled whole-slide image
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ def test_cmu_metadata(slides_dir: Path) -> None:
         assert slide.info.quickhash == slide.properties["openslide.quickhash-1"]
 
 
+@pytest.mark.compat
 def test_read_region_matches_openslide_and_pads_white(slides_dir: Path) -> None:
     path = slides_dir / "CMU-1-Small-Region.svs"
     with open_slide(path) as slide, openslide.OpenSlide(str(path)) as ref:

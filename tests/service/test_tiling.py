@@ -146,3 +146,11 @@ def test_read_scaled_in_bands_matches_single_band(tmp_path: Path, monkeypatch: p
         monkeypatch.setattr(slides, "_BAND_BYTES", 800 * 3 * 40)  # bands of 10 output rows
         banded = slide.read_scaled((200, 150)).astype(int)
     assert np.abs(whole - banded).mean() < 1.0
+
+
+def test_tissue_mask_size_is_bounded(slides_dir: Path) -> None:
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as slide:
+        tissue = detect_tissue(slide, target_um_per_px=1.0, max_long_side_px=300)
+    assert max(tissue.mask.shape) <= 300
+    assert tissue.l0_per_px == pytest.approx(2967 / 300)
+    assert 0.25 < tissue.tissue_fraction < 0.55
