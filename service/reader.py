@@ -24,7 +24,7 @@ import numpy as np
 from service.slides import Slide, SlideError, open_slide
 from service.tiling import TilePlan
 
-__all__ = ["TileReader"]
+__all__ = ["TileReadError", "TileReader"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,14 @@ _JPEG = 7
 _RGB, _YCBCR = 2, 6
 _CACHE_BYTES = 96 << 20
 _FAST_VENDORS = ("aperio", "generic-tiff")
+
+
+class TileReadError(SlideError):
+    """One plan tile could not be read or decoded; `t_index` names it."""
+
+    def __init__(self, t_index: int, message: str) -> None:
+        super().__init__(message)
+        self.t_index = t_index
 
 
 class _TileCache:
@@ -208,6 +216,17 @@ class TileReader:
         return out
 
     def _read_into(self, out: np.ndarray, slot: int, t_index: int) -> None:
+        """Read plan tile `t_index`, resized to the input size, into `out[slot]`; TileReadError on failure."""
+        try:
+            self._read_tile(out, slot, t_index)
+        except TileReadError:
+            raise
+        except Exception as err:  # decoders and backends raise many types; name the tile and keep the cause
+            xy = self.plan.l0_xy[t_index].tolist()
+            raise TileReadError(t_index, f"tile {t_index} at level-0 {xy} could not be read ({err}); the slide "
+                                         f"file may be damaged") from err
+
+    def _read_tile(self, out: np.ndarray, slot: int, t_index: int) -> None:
         """Read plan tile `t_index`, resized to the input size, into `out[slot]`."""
         l0_x, l0_y = (int(v) for v in self.plan.l0_xy[t_index])
         size = self.plan.lvl_tile_size

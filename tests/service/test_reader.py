@@ -109,3 +109,22 @@ def test_input_size_override_resizes(slides_dir: Path) -> None:
     expected = cv2.resize(full, (120, 120), interpolation=cv2.INTER_AREA)
     assert small.shape == (1, 120, 120, 3)
     assert np.abs(small[0].astype(np.int16) - expected.astype(np.int16)).mean() < 1.0
+
+
+def test_corrupt_tile_raises_tile_read_error(tmp_path: Path, slides_dir: Path) -> None:
+    from service.reader import TileReadError
+
+    data = bytearray((slides_dir / "CMU-1-Small-Region.svs").read_bytes())
+    with tifffile.TiffFile(slides_dir / "CMU-1-Small-Region.svs") as tif:
+        page = tif.series[0].levels[0].keyframe
+        offset, count = int(page.dataoffsets[11]), int(page.databytecounts[11])
+    data[offset:offset + count] = b"\x00" * count  # source tile 11: row 1, column 1 of 10
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(bytes(data))
+    with open_slide(broken) as slide:
+        plan = plan_tiles(slide.info, _all_tissue(slide), 0.499, 240, min_tissue=0.0)
+        with TileReader(slide, plan, threads=2) as reader:
+            assert reader.read([0]).shape == (1, 240, 240, 3)
+            with pytest.raises(TileReadError, match="could not be read") as info:
+                list(reader.iter_batches(range(len(plan)), batch_size=8))
+    assert info.value.t_index == 11
