@@ -88,7 +88,8 @@ class _WorkerPool:
         logger.info("started %d local worker(s)", self.count)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "service.worker"], env=self.env)
+        return subprocess.Popen([sys.executable, "-m", "service.worker"], env=self.env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def _watch(self) -> None:
         while not self._stop.wait(2.0):
@@ -108,6 +109,19 @@ class _WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM when `pixelcam serve` dies, even by SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """uvicorn re-raises the SIGTERM it handled once it has shut down; exit through `finally` blocks then."""
+    raise SystemExit(0)
 
 
 def serve(settings: Settings) -> int:
@@ -130,6 +144,7 @@ def serve(settings: Settings) -> int:
         pool.start()
         logger.info("serving on http://%s:%d (redis %s)", settings.host, settings.port,
                     "embedded" if private else settings.redis_url)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     finally:
         pool.stop()

@@ -46,6 +46,7 @@ SLIDES_DIR: Final = "slides"
 JOBS_DIR: Final = "jobs"
 MODELS_DIR: Final = "models"
 REDIS_DIR: Final = "redis"
+DEMO_MODEL_NAME: Final = "pixelcam-glas-resnet18"  # model/weights/<name>.onnx, served when nothing else is chosen
 DEFAULT_MODEL_FILE: Final = "DEFAULT"  # inside the models dir: the name of the default model, one line
 
 # Analysis options that change how fast a job runs, not what it finds: left out of a job's identity and set by

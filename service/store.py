@@ -259,7 +259,7 @@ class ModelRegistry:
         return entry
 
     def default(self) -> str:
-        """The default model's name: set through the API (`DEFAULT` file), else settings, else the first valid."""
+        """The default model: the `DEFAULT` file (set by the API), else settings, else the demo, else first valid."""
         marker = self.root / C.DEFAULT_MODEL_FILE
         if marker.is_file():
             name = marker.read_text().strip()
@@ -267,6 +267,8 @@ class ModelRegistry:
                 return name
         if self.default_name:
             return Path(self.default_name).stem
+        if (self.root / f"{C.DEMO_MODEL_NAME}.onnx").is_file():
+            return C.DEMO_MODEL_NAME
         valid = [e.name for e in self.entries() if e.valid]
         if not valid:
             raise ModelUnavailable(
