@@ -7,6 +7,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import NamedTuple
 
@@ -273,7 +274,7 @@ def load_pretrained(encoder: nn.Module, path: str | Path) -> LoadReport:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise PretrainedWeightsError(f"cannot read {path} as a torch state dict: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

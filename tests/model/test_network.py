@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,36 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         a, b = model(x), loaded(x)
     torch.testing.assert_close(a.class_logits, b.class_logits)
     torch.testing.assert_close(a.fg_logits, b.fg_logits)
+
+
+def test_checkpoint_extra_with_numpy_values_loads(tmp_path: Path) -> None:
+    cfg = ModelConfig(encoder_width=0.25, input_size=64)
+    model = build_model(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 64, 64)).class_logits.sum().backward()
+    opt.step()
+    extra = {"row": {"acc": np.float64(0.75), "epoch": np.int64(4)}, "curve": np.arange(3.0),
+             "optimizer": opt.state_dict(), "out": tmp_path}
+    path = save_checkpoint(tmp_path / "np.pt", model, cfg, extra=extra)
+    _, _, payload = load_checkpoint(path)
+    row = payload["extra"]["row"]
+    assert row == {"acc": 0.75, "epoch": 4} and type(row["acc"]) is float and type(row["epoch"]) is int
+    torch.testing.assert_close(payload["extra"]["curve"], torch.arange(3.0, dtype=torch.float64))
+    assert payload["extra"]["out"] == str(tmp_path)
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(payload["extra"]["optimizer"])  # optimizer state survives for resuming
+    assert fresh.state_dict()["state"][0]["momentum_buffer"].shape == next(model.parameters()).shape
+
+
+def test_checkpoint_with_raw_numpy_scalars_loads(tmp_path: Path) -> None:
+    cfg = ModelConfig(encoder_width=0.25, input_size=64)
+    model = build_model(cfg)
+    path = save_checkpoint(tmp_path / "a.pt", model, cfg)
+    payload = torch.load(path, weights_only=True)
+    payload["extra"] = {"acc": np.float64(0.5), "n": np.int64(2)}  # as a checkpoint written without _safe
+    torch.save(payload, path)
+    _, _, loaded = load_checkpoint(path)
+    assert loaded["extra"] == {"acc": 0.5, "n": 2}
 
 
 def test_checkpoint_refuses_foreign_file(tmp_path: Path) -> None:
