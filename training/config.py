@@ -103,6 +103,8 @@ class TrainConfig:
 
 QUICK_OVERRIDES: dict[str, Any] = {
     "encoder_width": 0.125,
+    "input_size": 64,
+    "input_mpp": 2.5,
     "max_images": 8,
     "epochs": 1,
     "pixelcam_epochs": 1,
