@@ -10,3 +10,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch is pinned in the `train` extra: pip takes the CPU wheel that lies on this machine's disk.
 "$VENV/bin/pip" install -q -e ".[cpu,train,dev]"
+# The viewer's OpenSeadragon comes from its npm package (pinned in package.json), never copied into the repo.
+npm install --no-audit --no-fund --silent

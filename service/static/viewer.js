@@ -32,6 +32,8 @@ const viewer = OpenSeadragon({
   tileSources: `/v1/slides/${slideId}.dzi`,
 });
 
+window.pixelcamViewer = viewer;
+
 viewer.addHandler("tile-loaded", (event) => {
   const url = (event.tiledImage && event.tiledImage.source && event.tiledImage.source.tilesUrl) || "";
   if (url.includes("/overlay_files/")) state.tilesLoaded.overlay += 1;
@@ -54,16 +56,23 @@ function overlayUrl() {
   return `/v1/jobs/${jobId}/overlay.dzi?${params}`;
 }
 
-// Add the overlay with the current parameters, then drop the previous one (no flicker while tiles load).
+// Add the overlay with the current parameters; once it is in, drop every older overlay (no flicker while tiles
+// load). Only the latest request wins when several are in flight (progress events, colour map changes).
+let overlayRequest = 0;
+
 function setOverlay() {
   if (!state.slideItem) return;
-  const previous = state.overlayItem;
+  const request = ++overlayRequest;
   viewer.addTiledImage({
     tileSource: overlayUrl(),
     opacity: state.showOverlay ? state.opacity : 0,
     success: (event) => {
+      if (request !== overlayRequest) { viewer.world.removeItem(event.item); return; }
+      for (let i = viewer.world.getItemCount() - 1; i >= 0; i--) {
+        const item = viewer.world.getItemAt(i);
+        if (item !== event.item && item !== state.slideItem) viewer.world.removeItem(item);
+      }
       state.overlayItem = event.item;
-      if (previous) viewer.world.removeItem(previous);
     },
     error: (event) => state.errors.push(`overlay: ${event.message}`),
   });
@@ -209,13 +218,16 @@ async function loadResult() {
   try {
     const result = await fetchJSON(`/v1/jobs/${jobId}/result`);
     state.result = result;
-    const slideClass = result.slide_class || result.class_name || result.label || result.class || {};
-    const name = typeof slideClass === "string" ? slideClass : slideClass.name || "?";
-    const prob = result.probability ?? slideClass.probability ?? result.positive_probability;
+    const call = result.classification || {};
+    const name = call.label || (result.status === "no_tissue" ? "no tissue" : "?");
     document.getElementById("result-class").textContent =
-      prob !== undefined ? `${name} (${(100 * prob).toFixed(1)} %)` : name;
+      typeof call.probability === "number" ? `${name} (${(100 * call.probability).toFixed(1)} %)` : name;
     const evidence = result.evidence || {};
     const rows = Object.entries(evidence).map(([k, v]) => [k.replaceAll("_", " "), scalar(v)]).filter(([, v]) => v !== null);
+    if (typeof call.positive_probability === "number") {
+      rows.unshift([`p(${call.positive_class})`, call.positive_probability.toFixed(3)]);
+    }
+    if (result.message) rows.push(["note", result.message]);
     fillTable(document.getElementById("evidence"), rows);
     document.getElementById("result").hidden = false;
   } catch (err) {
