@@ -139,7 +139,7 @@ class JobQueue:
                         return current, False
                     generation = str(int(current.get("generation", "0")) + 1)
                     now = f"{time.time():.3f}"
-                    record = {**fields, "job_id": job_id, "state": C.STATE_QUEUED, "generation": generation,
+                    record: dict[Any, Any] = {**fields, "job_id": job_id, "state": C.STATE_QUEUED, "generation": generation,
                               "created_at": now, "started_at": "", "finished_at": "", "error": "",
                               "tiles_total": "-1", "tiles_done": "0", "chunks_total": "-1", "chunks_done": "0"}
                     pipe.multi()
@@ -150,7 +150,7 @@ class JobQueue:
                     pipe.execute()
                     logger.info("job %s queued (generation %s, slide %s)", job_id, generation,
                                 fields.get("slide_id", ""))
-                    return record, True
+                    return {k: str(v) for k, v in record.items()}, True
                 except redis.WatchError:
                     continue
 
@@ -256,7 +256,8 @@ class JobQueue:
     def workers_of(self, job_id: str, generation: str) -> dict[str, int]:
         """How many chunks of this run of the job each worker finished."""
         key = self.settings.key(C.JOB_WORKERS_KEY, job_id=job_id, generation=generation)
-        return {k: int(v) for k, v in self.r.hgetall(key).items()}  # type: ignore[union-attr]
+        raw: dict[str, str] = self.r.hgetall(key)  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items()}
 
     def record_failure(self, job_id: str, generation: str, chunk_id: int) -> int:
         """Count one failed attempt at a chunk; returns the attempts so far."""
@@ -265,18 +266,18 @@ class JobQueue:
     # --- messages ---------------------------------------------------------------------------------------------
     def read(self, consumer: str, block_ms: int) -> Message | None:
         """The next message for this consumer: a reclaimed one from a dead worker first, else a new one."""
-        claimed = self.r.xautoclaim(self.stream, C.GROUP_NAME, consumer,
+        claimed: Any = self.r.xautoclaim(self.stream, C.GROUP_NAME, consumer,
                                     min_idle_time=int(self.settings.claim_idle_s * 1000), count=1)
         entries = claimed[1] if claimed else []
         if entries:
             msg_id, fields = entries[0]
             if fields:
-                pending = self.r.xpending_range(self.stream, C.GROUP_NAME, min=msg_id, max=msg_id, count=1)
+                pending: Any = self.r.xpending_range(self.stream, C.GROUP_NAME, min=msg_id, max=msg_id, count=1)
                 deliveries = int(pending[0]["times_delivered"]) if pending else 1
                 logger.warning("reclaimed message %s (job %s) after %s deliveries", msg_id,
                                fields.get("job_id"), deliveries)
                 return _message(msg_id, fields, deliveries)
-        reply = self.r.xreadgroup(C.GROUP_NAME, consumer, {self.stream: ">"}, count=1, block=block_ms)
+        reply: Any = self.r.xreadgroup(C.GROUP_NAME, consumer, {self.stream: ">"}, count=1, block=block_ms)
         if not reply:
             return None
         _, items = reply[0]

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service import constants
@@ -22,27 +22,27 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIXELCAM_", extra="ignore", frozen=True, populate_by_name=True)
 
-    redis_url: str = Field("", description="Redis to join; empty: `pixelcam serve` starts a private one")
-    redis_prefix: str = Field("pixelcam", description="prefix of every Redis key (several deployments per server)")
-    storage_dir: Path = Field(Path("var"), description="shared storage: slides/, jobs/, models/, redis/")
+    redis_url: str = Field(default="", description="Redis to join; empty: `pixelcam serve` starts a private one")
+    redis_prefix: str = Field(default="pixelcam", description="prefix of every Redis key (several deployments per server)")
+    storage_dir: Path = Field(default=Path("var"), description="shared storage: slides/, jobs/, models/, redis/")
     models_dir_override: Path | None = Field(
-        None,
+        default=None,
         validation_alias="PIXELCAM_MODELS_DIR",
         description="directory of .onnx models; default <storage_dir>/models (seeded with the demo model)",
     )
-    default_model: str = Field("", description="model served when a job names none; empty: the demo model")
-    max_upload_bytes: int = Field(20 * 1024**3, gt=0, description="largest accepted slide upload")
-    workers: int = Field(1, ge=0, description="local worker processes started by `pixelcam serve`")
-    host: str = Field("127.0.0.1", description="address the API binds")
-    port: int = Field(8000, ge=1, le=65535, description="port the API binds")
-    chunk_size: int = Field(64, gt=0, description="tiles per queue message")
-    batch_size: int = Field(16, gt=0, description="tiles per inference batch")
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per worker; 0: onnxruntime decides")
-    claim_idle_s: float = Field(constants.CLAIM_IDLE_S, gt=0, description="idle time after which a chunk is redone")
-    heartbeat_s: float = Field(constants.HEARTBEAT_S, gt=0, description="how often a busy worker says it is alive")
-    max_attempts: int = Field(constants.MAX_ATTEMPTS, gt=0, description="tries of one chunk before the job fails")
-    block_ms: int = Field(constants.BLOCK_MS, gt=0, description="how long a worker waits on an empty queue")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of entrypoints")
+    default_model: str = Field(default="", description="model served when a job names none; empty: the demo model")
+    max_upload_bytes: int = Field(default=20 * 1024**3, gt=0, description="largest accepted slide upload")
+    workers: int = Field(default=1, ge=0, description="local worker processes started by `pixelcam serve`")
+    host: str = Field(default="127.0.0.1", description="address the API binds")
+    port: int = Field(default=8000, ge=1, le=65535, description="port the API binds")
+    chunk_size: int = Field(default=64, gt=0, description="tiles per queue message")
+    batch_size: int = Field(default=16, gt=0, description="tiles per inference batch")
+    threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads per worker; 0: onnxruntime decides")
+    claim_idle_s: float = Field(default=constants.CLAIM_IDLE_S, gt=0, description="idle time after which a chunk is redone")
+    heartbeat_s: float = Field(default=constants.HEARTBEAT_S, gt=0, description="how often a busy worker says it is alive")
+    max_attempts: int = Field(default=constants.MAX_ATTEMPTS, gt=0, description="tries of one chunk before the job fails")
+    block_ms: int = Field(default=constants.BLOCK_MS, gt=0, description="how long a worker waits on an empty queue")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level of entrypoints")
 
     @field_validator("redis_prefix")
     @classmethod
@@ -50,6 +50,15 @@ class Settings(BaseSettings):
         if not value or any(ch in value for ch in " {}*?"):
             raise ValueError("PIXELCAM_REDIS_PREFIX must be a non-empty name without spaces, braces or wildcards")
         return value
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> Settings:
+        if self.heartbeat_s * 2 > self.claim_idle_s:
+            raise ValueError(
+                f"PIXELCAM_HEARTBEAT_S ({self.heartbeat_s}) must be at most half of PIXELCAM_CLAIM_IDLE_S "
+                f"({self.claim_idle_s}), or busy workers lose their chunks to others"
+            )
+        return self
 
     @property
     def models_dir(self) -> Path:

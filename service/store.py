@@ -189,7 +189,8 @@ def _info_dict(info: Any) -> dict[str, Any]:
     if hasattr(info, "to_dict"):
         raw = info.to_dict()
     else:
-        raw = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
+        is_instance = dataclasses.is_dataclass(info) and not isinstance(info, type)
+        raw = dataclasses.asdict(info) if is_instance else dict(vars(info))
     return json.loads(json.dumps(raw, default=_jsonable))
 
 

@@ -96,7 +96,13 @@ class Worker:
                     if burst:
                         break
                     continue
-                self.handle(msg)
+                try:
+                    self.handle(msg)
+                except redis.ConnectionError as err:
+                    # the message stays pending and is reclaimed once Redis is back
+                    logger.warning("worker %s: redis lost during %s of job %s (%s)", self.name, msg.kind,
+                                   msg.job_id, err)
+                    self.stop_event.wait(1.0)
                 self.processed += 1
         finally:
             self.close()
@@ -128,10 +134,13 @@ class Worker:
             except JobCancelled:
                 logger.info("job %s: %s %s stopped: cancelled", msg.job_id, msg.kind, msg.chunk_id)
                 self.queue.ack(msg)
-            except (PermanentJobError, *_permanent_errors()) as err:
-                self._fail(msg, f"{type(err).__name__}: {err}")
-            except (OSError, redis.RedisError, RuntimeError, ValueError) as err:
-                self._retry_later(msg, err)
+            except redis.ConnectionError:
+                raise
+            except Exception as err:
+                if isinstance(err, _permanent_errors()):
+                    self._fail(msg, f"{type(err).__name__}: {err}")
+                else:  # anything else may be transient (a storage hiccup): bounded retries
+                    self._retry_later(msg, err)
 
     def _dispatch(self, msg: Message, job: dict[str, str]) -> None:
         if msg.kind == C.MSG_PLAN:
@@ -304,7 +313,7 @@ def _permanent_errors() -> tuple[type[Exception], ...]:
     from model.runtime import InvalidModelError
     from service.slides import SlideError
 
-    return (SlideError, InvalidModelError, ServiceError)
+    return (SlideError, InvalidModelError, ServiceError, PermanentJobError)
 
 
 def main() -> int:

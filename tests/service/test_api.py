@@ -148,3 +148,26 @@ def test_readyz_is_503_without_a_valid_model(tmp_path: Path, redis_url: str) -> 
     with TestClient(create_app(make_settings(tmp_path, redis_url, empty))) as c:
         resp = c.get("/readyz")
         assert resp.status_code == 503 and "no valid model" in resp.json()["checks"]["model"]
+
+
+def test_settings_come_from_the_environment_and_round_trip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PIXELCAM_STORAGE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("PIXELCAM_WORKERS", "3")
+    monkeypatch.setenv("PIXELCAM_CLAIM_IDLE_S", "30")
+    monkeypatch.delenv("PIXELCAM_MODELS_DIR", raising=False)
+    loaded = Settings()
+    assert loaded.workers == 3 and loaded.claim_idle_s == 30.0
+    assert loaded.models_dir == tmp_path / "store" / "models"  # the default lives in the storage dir
+    monkeypatch.setenv("PIXELCAM_MODELS_DIR", str(tmp_path / "elsewhere"))
+    moved = Settings()
+    assert moved.models_dir == tmp_path / "elsewhere"
+    for name, value in moved.to_env().items():  # what `pixelcam serve` hands its workers
+        monkeypatch.setenv(name, value)
+    assert Settings() == moved
+    monkeypatch.setenv("PIXELCAM_HEARTBEAT_S", "20")
+    with pytest.raises(ValueError, match="PIXELCAM_HEARTBEAT_S"):
+        Settings()
+    monkeypatch.setenv("PIXELCAM_HEARTBEAT_S", "5")
+    monkeypatch.setenv("PIXELCAM_REDIS_PREFIX", "a b")
+    with pytest.raises(ValueError, match="PIXELCAM_REDIS_PREFIX"):
+        Settings()

@@ -203,3 +203,42 @@ def test_cancel_stops_compute(client: TestClient, settings: Settings, slides_dir
     again = client.post("/v1/jobs", json={"slide_id": job["slide_id"], "options": BUSY})
     assert again.status_code == 202 and again.json()["job_id"] == job_id and again.json()["state"] == "queued"
     client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_one_shot_upload_and_analyze(client: TestClient, settings: Settings, slides_dir: Path) -> None:
+    data = (slides_dir / SLIDE).read_bytes()
+    params = {"filename": SLIDE, "options": json.dumps({"write_detections": False})}
+    first = client.post("/v1/analyze", content=data, params=params)
+    assert first.status_code == 202, first.text
+    again = client.post("/v1/analyze", content=data, params=params)
+    assert again.status_code == 200 and again.json()["job_id"] == first.json()["job_id"]
+    bad = client.post("/v1/analyze", content=data, params={"filename": SLIDE, "options": "[1]"})
+    assert bad.status_code == 422
+    Worker(settings).run(burst=True)
+    assert job_state(client, first.json()["job_id"])["state"] == C.STATE_DONE
+
+
+def test_a_permanent_error_fails_the_job_with_its_reason(client: TestClient, settings: Settings,
+                                                         slides_dir: Path) -> None:
+    job = submit(client, slides_dir)
+    (settings.models_dir / "random.onnx").unlink()  # the model disappears before a worker gets the job
+    Worker(settings).run(burst=True)
+    failed = job_state(client, job["job_id"])
+    assert failed["state"] == C.STATE_FAILED and "no model 'random'" in failed["error"]
+    assert client.get(f"/v1/jobs/{job['job_id']}/result").status_code == 409
+
+
+def test_transient_errors_are_retried_a_bounded_number_of_times(client: TestClient, settings: Settings,
+                                                                slides_dir: Path) -> None:
+    job = submit(client, slides_dir)
+    settings.jobs_dir.mkdir(parents=True)
+    (settings.jobs_dir / job["job_id"]).write_text("a file where the job folder must go")
+    worker = Worker(settings)
+    deadline = time.monotonic() + 60
+    while job_state(client, job["job_id"])["state"] not in C.TERMINAL_STATES:
+        assert time.monotonic() < deadline
+        worker.run(burst=True)  # picks the message up again once it has been idle for claim_idle_s
+        time.sleep(0.2)
+    failed = job_state(client, job["job_id"])
+    assert failed["state"] == C.STATE_FAILED
+    assert f"failed {settings.max_attempts} times" in failed["error"] and "FileExistsError" in failed["error"]
