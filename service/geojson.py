@@ -116,11 +116,25 @@ def collect_runs(
         yield band
 
 
+def _stacked_runs(runs: RunTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Runs with the same [x0, x1) on consecutive rows merged into one rectangle: (x0, y0, x1, y1) arrays.
+
+    The union then sees far fewer boxes (a blob of h rows of equal width is one box, not h).
+    """
+    order = np.lexsort((runs.hm_row, runs.hm_x1, runs.hm_x0))
+    x0, x1, row = runs.hm_x0[order], runs.hm_x1[order], runs.hm_row[order]
+    starts = np.ones(order.size, bool)
+    starts[1:] = (x0[1:] != x0[:-1]) | (x1[1:] != x1[:-1]) | (row[1:] != row[:-1] + 1)
+    first = np.flatnonzero(starts)
+    last = np.append(first[1:], order.size) - 1
+    return x0[first], row[first], x1[first], row[last] + 1
+
+
 def find_regions(runs: RunTable, *, min_cells: int = 1) -> list[Region]:
     """Union the runs into connected regions with holes; drop regions smaller than `min_cells`."""
     if len(runs) == 0:
         return []
-    boxes = shapely.box(runs.hm_x0, runs.hm_row, runs.hm_x1, runs.hm_row + 1)
+    boxes = shapely.box(*_stacked_runs(runs))
     # tolerance 0 only drops the collinear vertices the box corners leave along straight edges
     parts = list(shapely.simplify(shapely.get_parts(shapely.union_all(boxes)), 0.0))
     tree = shapely.STRtree(parts)
@@ -146,18 +160,19 @@ def _feature_id(seed: str | None, kind: str, index: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{seed}/{kind}/{index}"))
 
 
-def _rounded(value: Any) -> Any:
-    """Coordinates of a GeoJSON mapping as nested lists rounded to 2 decimals (QuPath writes 2)."""
-    if isinstance(value, tuple | list):
-        return [_rounded(v) for v in value]
-    return round(float(value), COORD_DECIMALS)
+def _round_coords(coords: np.ndarray) -> np.ndarray:
+    return np.round(coords, COORD_DECIMALS)
 
 
 def _geometry(geom: BaseGeometry) -> dict[str, Any]:
-    """A GeoJSON geometry dict with exterior rings counter-clockwise (RFC 7946) and rounded coordinates."""
+    """A GeoJSON geometry dict with exterior rings counter-clockwise (RFC 7946), coordinates to 2 decimals.
+
+    The precision grid keeps the rounded geometry valid; the final rounding only removes binary noise such as
+    12.340000000000002, so coordinates print as QuPath writes them.
+    """
     geom = shapely.orient_polygons(shapely.set_precision(geom, 10.0**-COORD_DECIMALS))
-    data = mapping(geom)
-    return {"type": data["type"], "coordinates": _rounded(data["coordinates"])}
+    data = mapping(shapely.transform(geom, _round_coords))
+    return {"type": data["type"], "coordinates": data["coordinates"]}
 
 
 def _to_l0(
@@ -242,7 +257,7 @@ def tile_features(
             {
                 "type": "Feature",
                 "id": _feature_id(seed, "tile", i),
-                "geometry": {"type": "Polygon", "coordinates": [_rounded(ring)]},
+                "geometry": {"type": "Polygon", "coordinates": [np.round(ring, COORD_DECIMALS).tolist()]},
                 "properties": {
                     "objectType": "tile",
                     "classification": {

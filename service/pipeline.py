@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
-from model.runtime import ModelMetadata, Prediction
+from model.runtime import ModelMetadata
 from service._finalize import AnalysisResult, finalize_job
+from service._inference import TilePredictor, infer_in_chunks, run_chunk
 from service._jobfiles import (
     CHUNKS_DIR,
     TISSUE_FILE,
@@ -35,7 +36,7 @@ from service._jobfiles import (
     save_chunk,
 )
 from service.reader import TileReader
-from service.slides import Slide, open_slide
+from service.slides import open_slide
 from service.stitching import HeatmapGrid, stitch_bands
 from service.tiling import TilePlan, detect_tissue, plan_tiles
 
@@ -60,14 +61,6 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 TILES_FILE = "plan_tiles.npz"
 PLAN_VERSION = 1
-
-
-class TilePredictor(Protocol):
-    """What the pipeline needs of a predictor (`model.runtime.Predictor` or a wrapper of it)."""
-
-    metadata: ModelMetadata
-
-    def predict(self, tiles: np.ndarray) -> Prediction: ...
 
 
 @dataclass(frozen=True)
@@ -270,55 +263,6 @@ def prepare_job(
     return plan
 
 
-def run_chunk(
-    slide: Slide,
-    plan: JobPlan,
-    tile_indices: range | np.ndarray,
-    predictor: TilePredictor,
-    *,
-    on_batch: Callable[[int], None] | None = None,
-    reader: TileReader | None = None,
-) -> ChunkOutput:
-    """Read, decode and predict the given plan tiles with one predictor; decoding overlaps inference.
-
-    Batches are full (`options.batch_size`) except the chunk's last. Pass a long-lived `reader` to share its
-    threads and tile cache across chunks; otherwise one is opened for this chunk.
-    """
-    t0 = time.perf_counter()
-    indices = np.asarray(tile_indices, dtype=np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(plan)):
-        raise PipelineError(
-            f"tile indices {indices.min()}..{indices.max()} are outside the plan of {len(plan)}"
-        )
-    n_classes = len(plan.model["classes"])
-    class_probs = np.zeros((indices.size, n_classes), np.float32)
-    fg = np.zeros((indices.size, plan.fm_size, plan.fm_size), np.float32)
-    done, infer_s = 0, 0.0
-    active = reader if reader is not None or indices.size == 0 else None
-    if active is None:
-        active = TileReader(slide, plan.tiles, threads=plan.options.reader_threads)
-    try:
-        for _, batch in active.iter_batches(indices, plan.options.batch_size) if active is not None else ():
-            t1 = time.perf_counter()
-            pred = predictor.predict(batch)
-            infer_s += time.perf_counter() - t1
-            n = batch.shape[0]
-            class_probs[done : done + n] = pred.class_probs
-            fg[done : done + n] = pred.fg_prob
-            done += n
-            if on_batch is not None:
-                on_batch(n)
-    finally:
-        if reader is None and active is not None:
-            active.close()
-    if done != indices.size:
-        raise PipelineError(f"the reader returned {done} of {indices.size} tiles; the slide may be truncated")
-    wall_s = time.perf_counter() - t0
-    return ChunkOutput(
-        class_probs, fg, indices, read_s=max(0.0, wall_s - infer_s), infer_s=infer_s, wall_s=wall_s
-    )
-
-
 def partial_heatmap(job_dir: str | os.PathLike[str]) -> tuple[np.ndarray, float] | None:
     """The heatmap (H, W) float32 from the chunk files present so far (NaN = not analysed yet), or None."""
     folder = Path(job_dir)
@@ -382,12 +326,13 @@ def analyze_slide(
 
     if progress is not None:
         progress(Progress(0, len(plan), 0.0))
-    with (
-        open_slide(slide_path, mpp_override=options.mpp_override) as slide,
-        TileReader(slide, plan.tiles, threads=options.reader_threads) as reader,
-    ):
-        for chunk_id, tiles in enumerate(plan.chunks()):
-            save_chunk(work, chunk_id, run_chunk(slide, plan, tiles, predictor, on_batch=tick, reader=reader))
+    if len(plan):
+        with (
+            open_slide(slide_path, mpp_override=options.mpp_override) as slide,
+            TileReader(slide, plan.tiles, threads=options.reader_threads) as reader,
+        ):
+            for chunk_id, out_chunk in infer_in_chunks(reader, plan, predictor, tick):
+                save_chunk(work, chunk_id, out_chunk)
     sha = model_sha256 or getattr(predictor, "sha256", None) or "unknown"
     result = finalize_job(work, plan, predictor.metadata, sha, out_dir=out)
     shutil.rmtree(work / CHUNKS_DIR, ignore_errors=True)

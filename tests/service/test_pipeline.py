@@ -187,3 +187,29 @@ def test_options_are_checked_and_round_trip() -> None:
         AnalysisOptions.from_dict({"tile_size": 3})
     with pytest.raises(PipelineError, match="prepare_job"):
         JobPlan.load(Path("/nonexistent-job-folder"))
+
+
+def test_one_process_batches_stay_full_across_chunk_edges(
+    cmu_run: tuple[AnalysisResult, list], cmu_small_path: Path, random_predictor, tmp_path: Path
+) -> None:
+    sizes: list[int] = []
+
+    class Recording:
+        metadata = random_predictor.metadata
+        sha256 = random_predictor.sha256
+
+        def predict(self, tiles: np.ndarray):
+            sizes.append(tiles.shape[0])
+            return random_predictor.predict(tiles)
+
+    options = AnalysisOptions(chunk_size=7, batch_size=5, write_detections=False)
+    result = analyze_slide(cmu_small_path, Recording(), tmp_path, options)
+    total = result.result["evidence"]["tiles_analysed"]
+    assert total > 7 and sum(sizes) == total
+    assert all(s == 5 for s in sizes[:-1])  # batches run across the 7-tile chunks
+    reference, _ = cmu_run
+    with tifffile.TiffFile(result.path("heatmap")) as a, tifffile.TiffFile(reference.path("heatmap")) as b:
+        mine, theirs = a.pages[0].asarray(), b.pages[0].asarray()
+    np.testing.assert_array_equal(mine == 0, theirs == 0)
+    assert np.abs(mine.astype(int) - theirs.astype(int)).max() <= 1
+    assert result.result["classification"]["label"] == reference.label
