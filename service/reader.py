@@ -32,6 +32,8 @@ _JPEG = 7
 _RGB, _YCBCR = 2, 6
 _CACHE_BYTES = 96 << 20
 _FAST_VENDORS = ("aperio", "generic-tiff")
+_ADOBE_NO_TRANSFORM = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, transform 0 = RGB
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 class TileReadError(SlideError):
@@ -92,6 +94,20 @@ class _TiffLevel:
         self.tables = page.jpegtables
         # Aperio writes RGB (not YCbCr) JPEG tiles without a JFIF marker: tell libjpeg the colour space
         self.colorspace = _RGB if (page.photometric == _RGB and not page.is_jfif) else None
+        # a complete JPEG stream for OpenCV = SOI, an Adobe marker saying "no colour transform" for RGB tiles,
+        # the shared tables without their SOI/EOI, then the tile without its SOI
+        tables = bytes(self.tables or b"")
+        tables = tables[2:] if tables.startswith(b"\xff\xd8") else tables
+        tables = tables[:-2] if tables.endswith(b"\xff\xd9") else tables
+        self._prefix = b"\xff\xd8" + (_ADOBE_NO_TRANSFORM if self.colorspace == _RGB else b"") + tables
+        self.scale = 1
+        self.grid_tile_wh, self.grid_size_wh = self.tile_wh, self.size_wh
+
+    def set_scale(self, scale: int) -> None:
+        """Decode JPEG tiles at 1/`scale` (libjpeg DCT scaling); grid sizes are then in scaled pixels."""
+        self.scale = scale
+        self.grid_tile_wh = (self.tile_wh[0] // scale, self.tile_wh[1] // scale)
+        self.grid_size_wh = (self.size_wh[0] // scale, self.size_wh[1] // scale)
 
     @staticmethod
     def _check(page: Any, expected_wh: tuple[int, int]) -> None:
@@ -105,11 +121,17 @@ class _TiffLevel:
 
     def decode(self, fd: int, index: int) -> np.ndarray:
         """Decode source tile `index` to (tile_h, tile_w, 3) uint8; white when the file has no data for it."""
-        tw, th = self.tile_wh
+        tw, th = self.grid_tile_wh
         count = int(self.counts[index])
         if count == 0:
             return np.full((th, tw, 3), 255, np.uint8)
         data = os.pread(fd, count, int(self.offsets[index]))
+        if self.scale > 1:
+            stream = np.frombuffer(self._prefix + data[2:], np.uint8)
+            bgr = cv2.imdecode(stream, _REDUCED[self.scale])
+            if bgr is None or bgr.shape[:2] != (th, tw):
+                raise SlideError(f"JPEG tile {index} could not be decoded at 1/{self.scale} scale")
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         if self.jpeg:
             import imagecodecs
 
@@ -136,11 +158,25 @@ def _resize(region: np.ndarray, s: int) -> np.ndarray:
     return cv2.resize(region, (s, s), interpolation=cv2.INTER_AREA)
 
 
+def _decode_scale(lvl_tile_size: int, input_size: int, tile_wh: tuple[int, int]) -> int:
+    """Largest JPEG DCT scale (2, 4 or 8) that leaves at least `input_size` pixels per tile side.
+
+    When the read is an exact multiple k of the input size, the scale must divide k so that decoded pixels
+    stay on the plan's lattice (plan corners are multiples of k level pixels).
+    """
+    k = lvl_tile_size // input_size if lvl_tile_size % input_size == 0 else 0
+    for scale in (8, 4, 2):
+        fits = lvl_tile_size / scale >= input_size and (k == 0 or k % scale == 0)
+        if fits and tile_wh[0] % scale == 0 and tile_wh[1] % scale == 0:
+            return scale
+    return 1
+
+
 class TileReader:
     """Reads plan tiles as model inputs; `iter_batches` prefetches on a thread pool so decoding overlaps compute."""
 
     def __init__(self, slide_path_or_slide: str | Path | Slide, plan: TilePlan, input_size: int | None = None,
-                 threads: int | None = None, cache_bytes: int = _CACHE_BYTES) -> None:
+                 threads: int | None = None, cache_bytes: int = _CACHE_BYTES, scaled_decode: bool = True) -> None:
         if isinstance(slide_path_or_slide, Slide):
             self._path: str | Path = slide_path_or_slide.path
             info = slide_path_or_slide.info
@@ -155,6 +191,8 @@ class TileReader:
         self._level: _TiffLevel | None = None
         if info.vendor in _FAST_VENDORS:  # formats whose OpenSlide level-0 frame is tifffile's first series
             self._level = self._try_fast(info.level_sizes_wh[plan.level])
+        if self._level is not None and self._level.jpeg and scaled_decode:
+            self._level.set_scale(_decode_scale(plan.lvl_tile_size, self.input_size, self._level.tile_wh))
         self._cache = _TileCache(cache_bytes)
         self._local = threading.local()
         self._handles: list[Any] = []
@@ -162,6 +200,11 @@ class TileReader:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-reader")
         logger.info("tile reader: %s path, %d threads, %d tiles", "direct TIFF" if self.fast else "read_region",
                     self.threads, len(plan))
+
+    @property
+    def decode_scale(self) -> int:
+        """1, or 2/4/8 when JPEG tiles are decoded at reduced size (plan reads at least that many times S)."""
+        return self._level.scale if self._level is not None else 1
 
     @property
     def fast(self) -> bool:
@@ -200,7 +243,7 @@ class TileReader:
     def _region_fast(self, level: _TiffLevel, fd: int, lvl_x: int, lvl_y: int, size: int) -> np.ndarray:
         """Assemble a (size, size, 3) level region from source tiles; white outside the level."""
         out = np.full((size, size, 3), 255, np.uint8)
-        (tw, th), (w, h) = level.tile_wh, level.size_wh
+        (tw, th), (w, h) = level.grid_tile_wh, level.grid_size_wh
         x0, y0, x1, y1 = max(lvl_x, 0), max(lvl_y, 0), min(lvl_x + size, w), min(lvl_y + size, h)
         for ty in range(y0 // th, -(-y1 // th)) if y1 > y0 else ():
             for tx in range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ():
@@ -232,8 +275,10 @@ class TileReader:
         size = self.plan.lvl_tile_size
         handle = self._thread_handle()
         if self._level is not None:
-            ds = self.plan.level_downsample
-            region = self._region_fast(self._level, handle, int(np.floor(l0_x / ds)), int(np.floor(l0_y / ds)), size)
+            f = self._level.scale * self.plan.level_downsample  # level-0 pixels per decoded pixel
+            region = self._region_fast(self._level, handle, int(np.floor(l0_x / f + 1e-3)),
+                                       int(np.floor(l0_y / f + 1e-3)),
+                                       max(1, int(round(size / self._level.scale))))
         else:
             region = handle.read_region((l0_x, l0_y), self.plan.level, (size, size))
         out[slot] = _resize(region, self.input_size)

@@ -228,8 +228,12 @@ def plan_tiles(info: SlideInfo, tissue: TissueMask, input_mpp: float, input_size
     n_x, n_y = _grid_count(region_w, l0_tile, stride), _grid_count(region_h, l0_tile, stride)
     gy, gx = np.mgrid[0:n_y, 0:n_x]
     gx, gy = gx.ravel().astype(np.int64), gy.ravel().astype(np.int64)
-    l0_x = np.round(ox + gx * stride).astype(np.int64)
-    l0_y = np.round(oy + gy * stride).astype(np.int64)
+    # Corners sit on the lattice of input pixels (level_ds x k level-0 px when the read is k x input_size), so
+    # level reads need no sub-pixel offset and JPEG tiles can be DCT-downscaled exactly; the shift is < 1 input px.
+    k = lvl_tile // input_size if lvl_tile % input_size == 0 else 1
+    l0_align = level_ds * k
+    l0_x = np.round(np.round((ox + gx * stride) / l0_align) * l0_align).astype(np.int64)
+    l0_y = np.round(np.round((oy + gy * stride) / l0_align) * l0_align).astype(np.int64)
     fractions = _tile_fractions(tissue, l0_x, l0_y, l0_tile)
     keep = fractions >= min_tissue
     logger.info("plan for %s: %d of %d tiles kept (tile %.1f l0 px, level %d, read %d px)", info.name,
@@ -240,4 +244,5 @@ def plan_tiles(info: SlideInfo, tissue: TissueMask, input_mpp: float, input_size
         level_downsample=float(level_ds), lvl_tile_size=lvl_tile, input_size=int(input_size),
         input_mpp=float(input_mpp), slide_mpp=float(info.mpp), grid_size_wh=(n_x, n_y),
         l0_origin_xy=(int(ox), int(oy)), min_tissue=float(min_tissue), overlap=float(overlap),
+        extra={"l0_align": float(l0_align)},
     )

@@ -128,3 +128,22 @@ def test_corrupt_tile_raises_tile_read_error(tmp_path: Path, slides_dir: Path) -
             with pytest.raises(TileReadError, match="could not be read") as info:
                 list(reader.iter_batches(range(len(plan)), batch_size=8))
     assert info.value.t_index == 11
+
+
+def test_dct_scaled_decode_matches_area_resize(tmp_path: Path) -> None:
+    path = tmp_path / "ycbcr0.tif"
+    tifffile.imwrite(path, tissue_image(1024, 768, seed=5), tile=(128, 128), compression="jpeg",
+                     photometric="ycbcr", subsampling=(2, 2), resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:  # 0.25 um/px, model 100 px at 1 um/px: read 400 px, k = 4
+        plan = plan_tiles(slide.info, _all_tissue(slide), 1.0, 100, min_tissue=0.0)
+        assert (plan.level, plan.lvl_tile_size) == (0, 400)
+        ref = _reference(slide, plan, 100)
+        with TileReader(slide, plan, threads=2) as reader:
+            assert reader.decode_scale == 4
+            scaled = reader.read(range(len(plan)))
+        with TileReader(slide, plan, threads=2, scaled_decode=False) as reader:
+            assert reader.decode_scale == 1
+            full = reader.read(range(len(plan)))
+    assert np.abs(scaled.astype(np.int16) - ref.astype(np.int16)).mean() < 2.0
+    assert np.abs(full.astype(np.int16) - ref.astype(np.int16)).mean() < 0.5
+    assert (scaled[-1][-10:, -10:] == 255).all()  # past the right and bottom edges

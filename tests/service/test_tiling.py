@@ -77,10 +77,14 @@ def test_fractional_tile_and_level_choice() -> None:
     plan = plan_tiles(info, _mask((200, 200), slice(None), slice(None)), 1.0, 224, min_tissue=0.0)
     assert plan.l0_tile_size == pytest.approx(448.8978, abs=1e-4)
     assert (plan.level, plan.lvl_tile_size) == (1, 224)
-    assert plan.l0_xy[:5, 0].tolist() == [0, 449, 898, 1347, 1796]
+    # corners i x 448.9 snapped to the level-1 pixel lattice (multiples of 2 level-0 px)
+    assert plan.l0_xy[:5, 0].tolist() == [0, 448, 898, 1346, 1796]
+    assert plan.extra["l0_align"] == 2.0
     coarse = plan_tiles(_info(size_wh=(2000, 2000), downsamples=(1.0, 4.0), mpp=0.499),
                         _mask((200, 200), slice(None), slice(None)), 1.0, 224, min_tissue=0.0)
     assert (coarse.level, coarse.lvl_tile_size) == (0, 448)  # 448.9 snapped to 2 x 224 (within 1 %)
+    assert coarse.extra["l0_align"] == 2.0  # two level-0 px per input px: corners on even coordinates
+    assert coarse.l0_xy[:5, 0].tolist() == [0, 448, 898, 1346, 1796]
     odd = plan_tiles(_info(size_wh=(2000, 2000), downsamples=(1.0, 4.0), mpp=0.499),
                      _mask((200, 200), slice(None), slice(None)), 0.75, 200, min_tissue=0.0)
     assert odd.lvl_tile_size == 301  # 300.6 px is 1.5 x 200: no multiple nearby, plain rounding
