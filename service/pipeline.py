@@ -218,8 +218,14 @@ def prepare_job(
     model_meta: ModelMetadata,
     options: AnalysisOptions,
     job_dir: str | os.PathLike[str],
+    *,
+    slide_sha256: str | None = None,
 ) -> JobPlan:
-    """Open the slide, detect tissue, plan tiles at the model's scale, and save the plan in `job_dir`."""
+    """Open the slide, detect tissue, plan tiles at the model's scale, and save the plan in `job_dir`.
+
+    Pass `slide_sha256` when the caller already knows it (the service hashes uploads); otherwise the file is
+    hashed here when `options.hash_slide` is set.
+    """
     t0 = time.perf_counter()
     folder = Path(job_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +243,7 @@ def prepare_job(
     if not cv2.imwrite(str(folder / TISSUE_FILE), tissue.mask.astype(np.uint8) * 255):
         raise PipelineError(f"cannot write the tissue mask into {folder}; check that it is writable")
     local = Path(slide_path)
-    sha = file_sha256(local) if options.hash_slide and local.is_file() else None
+    sha = slide_sha256 or (file_sha256(local) if options.hash_slide and local.is_file() else None)
     plan = JobPlan(
         slide_path=str(slide_path),
         slide_info=info.to_dict(),

@@ -26,7 +26,7 @@ from service.pipeline import (
     save_chunk,
 )
 from service.slides import open_slide
-from service.stitching import decode_heatmap
+from service.stitching import decode_heatmap, tile_footprints
 
 OUTPUTS = {"result.json", "heatmap.tif", "overlay.png", "result.geojson"}
 
@@ -213,3 +213,23 @@ def test_one_process_batches_stay_full_across_chunk_edges(
     np.testing.assert_array_equal(mine == 0, theirs == 0)
     assert np.abs(mine.astype(int) - theirs.astype(int)).max() <= 1
     assert result.result["classification"]["label"] == reference.label
+
+
+def test_overlapping_tiles_cover_exactly_their_footprints(
+    cmu_small_path: Path, random_predictor, tmp_path: Path
+) -> None:
+    options = AnalysisOptions(overlap=0.5, min_tissue=0.5, blend="cosine", write_detections=False)
+    known_sha = "ab" * 32
+    plan = prepare_job(cmu_small_path, random_predictor.metadata, options, tmp_path, slide_sha256=known_sha)
+    assert plan.slide_sha256 == known_sha  # given by the caller: the slide is not hashed again
+    assert plan.tiles.l0_stride == pytest.approx(plan.tiles.l0_tile_size / 2)
+    with open_slide(cmu_small_path) as slide:
+        save_chunk(tmp_path, 0, run_chunk(slide, plan, range(len(plan)), random_predictor))
+    result = finalize_job(tmp_path, plan, random_predictor.metadata, random_predictor.sha256)
+    assert result.result["provenance"]["slide"]["sha256"] == known_sha
+    with tifffile.TiffFile(result.path("heatmap")) as tif:
+        values = tif.pages[0].asarray()
+    expected = np.zeros(values.shape, bool)
+    for x0, y0, x1, y1 in tile_footprints(plan.grid(), plan.l0_xy, plan.tiles.l0_tile_size):
+        expected[max(y0, 0) : y1, max(x0, 0) : x1] = True
+    np.testing.assert_array_equal(values != 0, expected)
