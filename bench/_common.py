@@ -131,10 +131,26 @@ def clocked() -> Iterator[Clock]:
         clock.cpu_s = _cpu_s() - cpu0
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+def ru_maxrss_mib() -> float:
+    """``ru_maxrss`` of this process in MiB (Linux reports KiB, macOS bytes)."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process's own address space in MiB (``VmHWM``), else ``ru_maxrss``.
+
+    On Linux, ``ru_maxrss`` of a process started by fork/vfork + exec keeps the parent's resident size at the
+    fork (the kernel folds the old address space's high-water mark into it at exec), so a child of a large
+    parent reports at least the parent's size. ``VmHWM`` belongs to the address space created by exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return ru_maxrss_mib()
 
 
 def run_child(args: list[str], timeout_s: float) -> dict[str, Any]:

@@ -39,14 +39,15 @@ from _common import (  # noqa: E402
     clocked,
     machine_info,
     peak_rss_mib,
+    ru_maxrss_mib,
     run_child,
 )
+from _summary import GOALS, print_summary  # noqa: E402
 from make_slide import SlideSpec, write_slide  # noqa: E402
 
 logger = logging.getLogger("bench_analyze")
 
 DEMO_MODEL = REPO_ROOT / "model" / "weights" / "pixelcam-glas-resnet18.onnx"
-GOALS = {"pipeline_efficiency": 0.90, "reading_ratio": 3.0, "naive_ratio": 5.0, "rss_ratio_4x": 1.2}
 
 
 def ensure_slide(width: int, height: int, fraction: float, seed: int) -> Path:
@@ -143,8 +144,8 @@ def measure_analysis(slide_path: Path, predictor: Any, out_dir: Path, n_tiles: i
     from service.pipeline import AnalysisOptions, analyze_slide
 
     with clocked() as clock:
-        analyze_slide(slide_path, predictor, out_dir, AnalysisOptions())
-    return clock.rate(n_tiles)
+        result = analyze_slide(slide_path, predictor, out_dir, AnalysisOptions())
+    return {**clock.rate(n_tiles), "phases_s": result.result.get("timings_s", {})}
 
 
 def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -> dict[str, Any]:
@@ -258,6 +259,7 @@ def child_analyze(slide: Path, model: Path, threads: int, out_dir: Path) -> int:
         analyze_slide(slide, predictor, out_dir, AnalysisOptions())
     report = {
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "ru_maxrss_mib": round(ru_maxrss_mib(), 1),
         "peak_rss_after_imports_mib": round(rss_before_mib, 1),
         "session_load": load.rate(1),
         "analysis_wall_s": round(run.wall_s, 3),
@@ -309,15 +311,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results["model"]["parity_torch_vs_onnx"] = check_parity(torch_model, onnx_path, tiles[:2], atol=1e-3)
     batch = int(getattr(_options(), "batch_size", 16))
     n_model = min(n_small, args.model_tiles)
+    # Order: the model alone before and after everything that shares the CPU, so drift on a shared machine
+    # shows up as the difference between the two.
     model_a = measure_model_alone(predictor, tiles, n_model, batch)
-    first = measure_analysis(small, predictor, work / "run-first", n_small)
+    pipe_read = measure_pipeline_reading(small, plan, NoopPredictor(predictor))
+    osl_read = measure_openslide_reading(small, plan, in_side, threads)
     warm = measure_analysis(small, predictor, work / "run-warm", n_small)
     model_b = measure_model_alone(predictor, tiles, n_model, batch)
     model_per_s = (model_a["per_s"] + model_b["per_s"]) / 2
-    results["model_alone"] = {"batch": batch, "before": model_a, "after": model_b, "mean_per_s": model_per_s}
-    results["analysis"] = {"first_in_process": first, "warm": warm}
-    pipe_read = measure_pipeline_reading(small, plan, NoopPredictor(predictor))
-    osl_read = measure_openslide_reading(small, plan, in_side, threads)
+    model_cpu = (model_a["cpu_s_per_item"] + model_b["cpu_s_per_item"]) / 2
+    results["model_alone"] = {
+        "batch": batch,
+        "before": model_a,
+        "after": model_b,
+        "mean_per_s": model_per_s,
+        "mean_cpu_s_per_tile": round(model_cpu, 5),
+    }
+    results["analysis"] = {"warm": warm, "reader_threads": int(getattr(_options(), "reader_threads", 0))}
     results["reading"] = {
         "pipeline_noop_model": pipe_read,
         "openslide_read_region": osl_read,
@@ -329,8 +339,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
     results["ratios"] = {
         "pipeline_efficiency": _ratio(warm["per_s"], model_per_s),
+        "pipeline_efficiency_cpu": _ratio(model_cpu, warm["cpu_s_per_item"]),
         "reading_ratio": _ratio(pipe_read["per_s"], osl_read["per_s"]),
+        "reading_ratio_cpu": _ratio(osl_read["cpu_s_per_item"], pipe_read["cpu_s_per_item"]),
         "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
+        "naive_ratio_cpu": _ratio(naive["cpu_s_per_item"], warm["cpu_s_per_item"]),
     }
     if "rss" in results:
         results["ratios"]["rss_ratio_4x"] = results["rss"]["ratio"]
@@ -371,41 +384,6 @@ def measure_rss(
         runs[name] = report
     runs["ratio"] = _ratio(runs["large_4x_tissue"]["peak_rss_mib"], runs["small"]["peak_rss_mib"])
     return runs
-
-
-def print_summary(res: dict[str, Any]) -> None:
-    """The ratios first, each with its raw numbers, then the machine."""
-    r, m = res["ratios"], res["machine"]
-    warm, alone = res["analysis"]["warm"], res["model_alone"]
-    rd = res["reading"]
-    lines = [
-        f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['mem_total_gib']} GiB, "
-        f"load {m['loadavg_1_5_15'][0]:.2f} -> {m['loadavg_at_end'][0]:.2f}; threads {res['threads']}",
-        f"model: {res['model']['note']}",
-        f"slide: {res['slides']['small']['path']}: {res['slides']['small']['tissue_tiles']} tissue tiles",
-        f"pipeline efficiency {r['pipeline_efficiency']:.3f} (goal >= {GOALS['pipeline_efficiency']}): "
-        f"analysis {warm['per_s']:.2f} tiles/s ({warm['cpu_s_per_item']:.4f} CPU-s/tile) / model alone "
-        f"{alone['mean_per_s']:.2f} tiles/s (before {alone['before']['per_s']:.2f}, after {alone['after']['per_s']:.2f}, "
-        f"{alone['before']['cpu_s_per_item']:.4f} CPU-s/tile, batch {alone['batch']})",
-        f"reading ratio {r['reading_ratio']:.2f} (goal >= {GOALS['reading_ratio']}): pipeline no-op model "
-        f"{rd['pipeline_noop_model']['per_s']:.1f} tiles/s ({rd['pipeline_noop_model']['cpu_s_per_item']:.5f} CPU-s/tile)"
-        f" / OpenSlide read_region {rd['openslide_read_region']['per_s']:.1f} tiles/s "
-        f"({rd['openslide_read_region']['cpu_s_per_item']:.5f} CPU-s/tile)",
-        f"naive ratio {r['naive_ratio']:.2f}x (goal >= {GOALS['naive_ratio']}): analysis {warm['per_s']:.2f} tiles/s / "
-        f"naive {res['naive']['per_s']:.2f} tiles/s on {res['naive']['n']} tiles "
-        f"({res['naive']['cpu_s_per_item']:.4f} CPU-s/tile)",
-        f"first analysis in the process: {res['analysis']['first_in_process']['per_s']:.2f} tiles/s",
-    ]
-    if "rss" in res:
-        rs = res["rss"]
-        lines.append(
-            f"peak RSS ratio {rs['ratio']:.3f} (goal <= {GOALS['rss_ratio_4x']}): "
-            f"{rs['large_4x_tissue']['peak_rss_mib']:.0f} MiB ({rs['large_4x_tissue']['tissue_tiles']} tiles) / "
-            f"{rs['small']['peak_rss_mib']:.0f} MiB ({rs['small']['tissue_tiles']} tiles); cold runs "
-            f"{rs['small']['cold_tiles_per_s']:.2f} and {rs['large_4x_tissue']['cold_tiles_per_s']:.2f} tiles/s, "
-            f"session load {rs['small']['session_load']['wall_s']:.2f} s"
-        )
-    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,65 @@
+"""Human-readable summary of a bench_analyze result: each ratio with the raw numbers it comes from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GOALS = {"pipeline_efficiency": 0.90, "reading_ratio": 3.0, "naive_ratio": 5.0, "rss_ratio_4x": 1.2}
+
+
+def _rate(d: dict[str, Any]) -> str:
+    """'12.3 tiles/s, 0.0456 CPU-s/tile (n tiles)'."""
+    return f"{d['per_s']:.2f} tiles/s, {d['cpu_s_per_item']:.4f} CPU-s/tile ({d['n']} tiles)"
+
+
+def _verdict(name: str, value: float) -> str:
+    goal = GOALS[name]
+    ok = value <= goal if name == "rss_ratio_4x" else value >= goal
+    return f"{'meets' if ok else 'MISSES'} goal {'<=' if name == 'rss_ratio_4x' else '>='} {goal}"
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """The ratios first, each with its raw numbers, then the machine."""
+    r, m = res["ratios"], res["machine"]
+    warm, alone, rd = res["analysis"]["warm"], res["model_alone"], res["reading"]
+    lines = [
+        f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['mem_total_gib']} GiB RAM, "
+        f"load average {m['loadavg_1_5_15'][0]:.2f} at start, {m['loadavg_at_end'][0]:.2f} at end",
+        f"threads: predictor intra-op {res['threads']['predictor_intra_op']}, pipeline readers "
+        f"{res['analysis']['reader_threads']}, OpenSlide {rd['openslide_threads']}, torch {res['naive']['torch_threads']}",
+        f"model: {res['model']['note']}",
+        f"slide: {res['slides']['small']['path']}, {res['slides']['small']['tissue_tiles']} tissue tiles "
+        f"(read {res['slides']['small']['lvl_tile_size']} px at level {res['slides']['small']['level']}, "
+        f"input {res['slides']['small']['input_size']} px)",
+        "",
+        f"pipeline efficiency {r['pipeline_efficiency']:.3f} ({_verdict('pipeline_efficiency', r['pipeline_efficiency'])})"
+        f"; in CPU-s/tile {r['pipeline_efficiency_cpu']:.3f}",
+        f"  analyze_slide (warm): {_rate(warm)}; phases {warm.get('phases_s', {})}",
+        f"  model alone, batch {alone['batch']}: mean {alone['mean_per_s']:.2f} tiles/s "
+        f"(before: {_rate(alone['before'])}; after: {_rate(alone['after'])})",
+        f"reading ratio {r['reading_ratio']:.2f} ({_verdict('reading_ratio', r['reading_ratio'])})"
+        f"; in CPU-s/tile {r['reading_ratio_cpu']:.2f}",
+        f"  pipeline read path, no-op model: {_rate(rd['pipeline_noop_model'])}",
+        f"  OpenSlide read_region + RGB + resize: {_rate(rd['openslide_read_region'])}",
+        f"naive ratio {r['naive_ratio']:.2f}x ({_verdict('naive_ratio', r['naive_ratio'])}); in CPU-s/tile "
+        f"{r['naive_ratio_cpu']:.2f}x",
+        f"  naive loop (OpenSlide + torch eager, batch 1): {_rate(res['naive'])}",
+    ]
+    if "rss" in res:
+        rs = res["rss"]
+        small, large = rs["small"], rs["large_4x_tissue"]
+        lines += [
+            f"peak RSS ratio {rs['ratio']:.3f} ({_verdict('rss_ratio_4x', rs['ratio'])})",
+            f"  4x tissue: {large['peak_rss_mib']:.0f} MiB over {large['tissue_tiles']} tiles; "
+            f"slide: {small['peak_rss_mib']:.0f} MiB over {small['tissue_tiles']} tiles "
+            f"(after imports: {small['peak_rss_after_imports_mib']:.0f} MiB)",
+            f"  cold (fresh process): {small['cold_tiles_per_s']:.2f} and {large['cold_tiles_per_s']:.2f} tiles/s, "
+            f"{small['cpu_s_per_tile']:.4f} and {large['cpu_s_per_tile']:.4f} CPU-s/tile; "
+            f"session load {small['session_load']['wall_s']:.2f} s",
+        ]
+    return lines
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    """Print the summary to stdout."""
+    print("\n".join(summary_lines(res)))
