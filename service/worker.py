@@ -74,8 +74,8 @@ class Worker:
         self.models = ModelRegistry(settings.models_dir, settings.default_model)
         self.stop_event = threading.Event()
         self._predictors: dict[str, Any] = {}
-        self._slides: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._plans: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._readers: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
         self.processed = 0
 
     # --- loop -------------------------------------------------------------------------------------------------
@@ -109,10 +109,11 @@ class Worker:
         return self.processed
 
     def close(self) -> None:
-        """Close open slides (predictors go with the process)."""
-        for slide in self._slides.values():
+        """Close tile readers and their slides (predictors go with the process)."""
+        for slide, reader in self._readers.values():
+            reader.close()
             slide.close()
-        self._slides.clear()
+        self._readers.clear()
 
     def handle(self, msg: Message) -> None:
         """Run one message with a heartbeat; permanent errors fail the job, others leave it for a retry."""
@@ -134,6 +135,7 @@ class Worker:
             except JobCancelled:
                 logger.info("job %s: %s %s stopped: cancelled", msg.job_id, msg.kind, msg.chunk_id)
                 self.queue.ack(msg)
+                self._release(msg)
             except redis.ConnectionError:
                 raise
             except Exception as err:
@@ -210,20 +212,11 @@ class Worker:
             logger.info("worker %s loaded model %s in %.2f s", self.name, path.name, time.perf_counter() - t0)
         return self._predictors[sha]
 
-    def _slide(self, job: dict[str, str]) -> Any:
+    def _open_slide(self, job: dict[str, str]) -> Any:
         from service.slides import open_slide
 
-        key = (job["slide_file"], job.get("mpp", ""))
-        if key in self._slides:
-            self._slides.move_to_end(key)
-            return self._slides[key]
         mpp = float(job["mpp"]) if job.get("mpp") else None
-        slide = open_slide(self.settings.storage_dir / job["slide_file"], mpp_override=mpp)
-        self._slides[key] = slide
-        while len(self._slides) > _MAX_OPEN_SLIDES:
-            _, old = self._slides.popitem(last=False)
-            old.close()
-        return slide
+        return open_slide(self.settings.storage_dir / job["slide_file"], mpp_override=mpp)
 
     def _plan_of(self, job_id: str, generation: str) -> Any:
         from service.pipeline import JobPlan
@@ -237,6 +230,22 @@ class Worker:
             while len(self._plans) > _MAX_OPEN_SLIDES:
                 self._plans.popitem(last=False)
         return self._plans[key]
+
+    def _reader(self, msg: Message, job: dict[str, str], plan: Any) -> tuple[Any, Any]:
+        """(slide, tile reader) kept per job run: the reader's threads and cache serve every chunk of it here."""
+        from service.reader import TileReader
+
+        key = (msg.job_id, msg.generation)
+        if key in self._readers:
+            self._readers.move_to_end(key)
+            return self._readers[key]  # type: ignore[no-any-return]
+        slide = self._open_slide(job)
+        self._readers[key] = (slide, TileReader(slide, plan.tiles, threads=plan.options.reader_threads))
+        while len(self._readers) > _MAX_OPEN_SLIDES:
+            _, (old_slide, old_reader) = self._readers.popitem(last=False)
+            old_reader.close()
+            old_slide.close()
+        return self._readers[key]  # type: ignore[no-any-return]
 
     def _check_live(self, msg: Message) -> None:
         state, generation = self.queue.r.hmget(self.queue.job_key(msg.job_id), ["state", "generation"])
@@ -273,7 +282,8 @@ class Worker:
         predictor = _TimedPredictor(self.predictor(job), self.queue, self.settings.batch_size,
                                     lambda: self._check_live(msg))
         t0 = time.perf_counter()
-        out = run_chunk(self._slide(job), plan, range(msg.start, msg.stop), predictor)
+        slide, reader = self._reader(msg, job, plan)
+        out = run_chunk(slide, plan, range(msg.start, msg.stop), predictor, reader=reader)
         self._check_live(msg)
         save_chunk(self._job_dir(msg.job_id), msg.chunk_id, out)
         _, finalize = self.queue.complete_chunk(msg, msg.stop - msg.start, self.name)
@@ -297,6 +307,14 @@ class Worker:
         logger.info("job %s slide %s: done (stitched in %.2f s)", msg.job_id, job["slide_id"],
                     time.perf_counter() - t0)
         self.queue.ack(msg)
+        self._release(msg)
+
+    def _release(self, msg: Message) -> None:
+        """Close this worker's reader and slide of a job run that ended."""
+        entry = self._readers.pop((msg.job_id, msg.generation), None)
+        if entry is not None:
+            entry[1].close()
+            entry[0].close()
 
 
 def _options(job: dict[str, str], settings: Settings) -> Any:
