@@ -341,6 +341,11 @@ class Predictor:
         return list(self._session.get_providers())
 
     @property
+    def threads(self) -> int:
+        """Intra-op threads of the CPU execution provider."""
+        return int(self._session.get_session_options().intra_op_num_threads)
+
+    @property
     def input_size(self) -> int:
         """S: tiles are S x S RGB."""
         return self.metadata.input_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -159,6 +160,8 @@ def test_predictor_properties(resnet_onnx: Path) -> None:
     assert (predictor.input_size, predictor.fm_size) == (224, 28)
     assert "CPUExecutionProvider" in predictor.providers
     assert predictor.metadata == read_model_metadata(resnet_onnx)
+    assert predictor.threads == 1
+    assert Predictor(resnet_onnx).threads == len(os.sched_getaffinity(0))
 
 
 def test_predict_batches_of_1_and_8(resnet_onnx: Path, tissue_tiles: np.ndarray) -> None:
