@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 NODATA = 0
 TIFF_TILE = 256
+BAND_CELLS = 1 << 19  # cells per stitched band (2 MB per float32 array)
+_HALVE_COLS = 2048  # columns halved at a time when building pyramid levels
 
 FgLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """Sorted tile indices -> (indices actually available (n,), fg maps float (n, fm_h, fm_w))."""
@@ -159,13 +161,19 @@ def stitch_bands(
     l0_tile_size: float,
     load_fg: FgLoader,
     *,
-    band_height: int = TIFF_TILE,
+    band_height: int | None = None,
     window: np.ndarray | None = None,
 ) -> Iterator[HeatmapBand]:
-    """Yield the heatmap band by band, top to bottom; overlaps are averaged with `window` weights (else equal)."""
+    """Yield the heatmap band by band, top to bottom; overlaps are averaged with `window` weights (else equal).
+
+    The default band height keeps a band near `BAND_CELLS` cells (at most one TIFF tile row), so a band's
+    arrays stay a few MB however wide the slide is.
+    """
+    hm_w, hm_h = grid.hm_size_wh
+    if band_height is None:
+        band_height = max(8, min(TIFF_TILE, BAND_CELLS // hm_w))
     if band_height < 1:
         raise StitchError(f"band_height must be >= 1, got {band_height}")
-    hm_w, hm_h = grid.hm_size_wh
     footprints = tile_footprints(grid, l0_xy, l0_tile_size)
     order = np.argsort(footprints[:, 1], kind="stable")
     y0_sorted = footprints[order, 1]
@@ -234,7 +242,14 @@ def _tiles_of(block: np.ndarray, width: int, tile: int) -> Iterator[np.ndarray]:
 
 
 def _halve(block: np.ndarray) -> np.ndarray:
-    """Next pyramid level of an encoded block: mean probability over the analysed cells of each 2x2."""
+    """Next pyramid level of an encoded block, a few columns at a time to keep the float copies small."""
+    return np.concatenate(
+        [_halve_part(block[:, x : x + _HALVE_COLS]) for x in range(0, block.shape[1], _HALVE_COLS)], axis=1
+    )
+
+
+def _halve_part(block: np.ndarray) -> np.ndarray:
+    """Mean probability over the analysed cells of each 2x2 (an odd last row or column stands alone)."""
     prob, covered = decode_heatmap(block)
     h, w = block.shape
     ph, pw = h + h % 2, w + w % 2
