@@ -116,6 +116,15 @@ def build_metadata(
     }
 
 
+def _json_value(obj: Any) -> Any:
+    """JSON stand-ins for numpy scalars/arrays, paths and other objects found in provenance."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
 def _check_config_matches(model: PixelCAM, cfg: ModelConfig) -> None:
     """Refuse a cfg whose graph-shaping fields differ from the model's own config."""
     own = getattr(model, "config", None)
@@ -166,7 +175,7 @@ def export_onnx(
                               provenance=provenance)
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
+        entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True, default=_json_value)
         proto.producer_name = "pixelcam"
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))

@@ -91,6 +91,10 @@ def test_cli_random_and_checkpoint(tmp_path: Path, resnet_cfg: ModelConfig, tiss
     train_config = {"dataset": "glas", "lr": 1e-3}
     ckpt = save_checkpoint(tmp_path / "m.pt", model, resnet_cfg, train_config=train_config,
                            extra={"metrics": {"pxap": 60.0}})
+    out_np = export_onnx(model, resnet_cfg, tmp_path / "np.onnx",
+                         provenance={"metrics": {"acc": np.float32(0.5), "curve": np.arange(2)}, "run": tmp_path})
+    prov = read_model_metadata(out_np).provenance
+    assert prov["metrics"] == {"acc": 0.5, "curve": [0, 1]} and prov["run"] == str(tmp_path)
     out2 = tmp_path / "trained.onnx"
     assert main(["--checkpoint", str(ckpt), str(out2), "--fg-threshold", "0.3"]) == 0
     meta2 = read_model_metadata(out2)
