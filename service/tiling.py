@@ -73,10 +73,11 @@ def tissue_from_rgb(rgb: np.ndarray, um_per_px: float, *, min_saturation: float 
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     sat = hsv[..., 1]
     background = gray >= _otsu(gray)
+    bg_gray, bg_sat = 240.0, 5.0  # nominal glass, used when no glass is visible
     if background.mean() > 0.05:
-        bg_gray, bg_sat = float(np.median(gray[background])), float(np.median(sat[background]))
-    else:  # no visible glass: the whole field is tissue-like; fall back to nominal glass values
-        bg_gray, bg_sat = 240.0, 5.0
+        gray_b, sat_b = float(np.median(gray[background])), float(np.median(sat[background]))
+        if gray_b >= 180 and sat_b <= 40:  # bright and grey: glass, not the lighter half of dense tissue
+            bg_gray, bg_sat = gray_b, sat_b
     sat_t = max(min_saturation, bg_sat + 12.0)
     gray_t = min(max_gray, bg_gray - 25.0)
     mask = ((sat > sat_t) | (gray < gray_t)) & (gray >= min_gray)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -158,3 +159,10 @@ def test_tissue_mask_size_is_bounded(slides_dir: Path) -> None:
     assert max(tissue.mask.shape) <= 300
     assert tissue.l0_per_px == pytest.approx(2967 / 300)
     assert 0.25 < tissue.tissue_fraction < 0.55
+
+
+def test_tissue_filling_the_field_is_all_tissue(glas_dir: Path) -> None:
+    rgb = cv2.imread(str(glas_dir / "images" / "testB_3.png"))[..., ::-1]
+    small = cv2.resize(rgb, (rgb.shape[1] // 4, rgb.shape[0] // 4), interpolation=cv2.INTER_AREA)
+    # no glass in the field: Otsu must not split the tissue into "tissue" and "background" halves
+    assert tissue_from_rgb(small, um_per_px=0.62 * 4, close_um=0.0, min_hole_um2=0.0).mean() > 0.95
