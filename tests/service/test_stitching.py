@@ -10,6 +10,7 @@ import tifffile
 import tiffslide
 
 from service.stitching import (
+    BAND_CELLS,
     NODATA,
     HeatmapGrid,
     StitchError,
@@ -195,3 +196,15 @@ def test_overlay_tints_only_analysed_cells() -> None:
     assert overlay.shape == thumb.shape
     np.testing.assert_array_equal(overlay[:, 100:], thumb[:, 100:])
     assert (overlay[:, :100] != thumb[:, :100]).any(axis=2).all()
+
+
+@pytest.mark.parametrize("l0_width", [10_000, 400_000, 1_000_000])
+def test_default_bands_stay_within_the_cell_budget_however_wide_the_slide(l0_width: int) -> None:
+    grid = HeatmapGrid(l0_size_wh=(l0_width, 3_000), hm_downsample=8.0)
+    l0_xy = np.array([[0, 0], [l0_width - 64, 2_000]])
+    fg = np.full((2, 8, 8), 0.5, np.float32)
+    bands = list(stitch_bands(grid, l0_xy, 64.0, array_loader(fg)))
+    hm_w, hm_h = grid.hm_size_wh
+    assert sum(b.prob.shape[0] for b in bands) == hm_h
+    assert all(b.prob.size <= max(BAND_CELLS, 8 * hm_w) for b in bands)
+    assert sum(int(b.covered.sum()) for b in bands) == 2 * 64
