@@ -120,10 +120,14 @@ class Slide:
         if lvl_w <= 0 or lvl_h <= 0:
             raise SlideError(f"read size must be positive, got {lvl_size_wh}")
         l0_x, l0_y = int(l0_xy[0]), int(l0_xy[1])
-        if self._backend_name == "openslide":
-            rgba = np.asarray(self._backend.read_region((l0_x, l0_y), level, (lvl_w, lvl_h)))
-            return _composite_on_white(rgba)
-        return self._read_tiffslide(l0_x, l0_y, level, lvl_w, lvl_h)
+        try:
+            if self._backend_name == "openslide":
+                rgba = np.asarray(self._backend.read_region((l0_x, l0_y), level, (lvl_w, lvl_h)))
+                return _composite_on_white(rgba)
+            return self._read_tiffslide(l0_x, l0_y, level, lvl_w, lvl_h)
+        except Exception as err:  # backends raise OpenSlideError, tifffile and codec errors on damaged data
+            raise SlideError(f"reading {lvl_w} x {lvl_h} px at level {level}, level-0 ({l0_x}, {l0_y}) of "
+                             f"{self.info.name!r} failed ({err}); the file may be damaged") from err
 
     def _read_tiffslide(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
         """tiffslide read clipped to the level, padded with white (tiffslide pads with black)."""

@@ -243,3 +243,17 @@ def test_fsspec_url_opens_through_tiffslide(slides_dir: Path) -> None:
         assert slide.info.backend == "tiffslide"
         assert slide.info.mpp_x == pytest.approx(0.499)
         assert slide.read_region((0, 0), 0, (32, 32)).shape == (32, 32, 3)
+
+
+def test_damaged_tile_data_raises_slide_error(tmp_path: Path, slides_dir: Path) -> None:
+    import tifffile
+
+    data = bytearray((slides_dir / "CMU-1-Small-Region.svs").read_bytes())
+    with tifffile.TiffFile(slides_dir / "CMU-1-Small-Region.svs") as tif:
+        page = tif.series[0].levels[0].keyframe
+        offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])
+    data[offset:offset + count] = b"\xff" * count
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(bytes(data))
+    with open_slide(broken) as slide, pytest.raises(SlideError, match="may be damaged"):
+        slide.read_region((0, 0), 0, (64, 64))
