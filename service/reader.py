@@ -1,9 +1,11 @@
 """The fast tile path: plan tiles in, uint8 (n, S, S, 3) model inputs out, decoded in parallel ahead of inference.
 
 For TIFF-family slides (SVS, generic tiled TIFF) whose plan level is a tiled 8-bit RGB/YCbCr page, the raw tile
-bytes are read with `os.pread` at the offsets tifffile lists and decoded by imagecodecs (libjpeg-turbo releases the
-GIL); decoded source tiles are shared between neighbouring plan tiles through a small bounded cache. Everything else
-goes through `Slide.read_region` with one slide handle per thread. Planes: `l0_` level-0 pixels, `lvl_` pixels
+bytes are read with `os.pread` at the offsets tifffile lists and decoded by libjpeg-turbo, which releases the GIL:
+through imagecodecs at full size, or through OpenCV with libjpeg's DCT scaling (1/2, 1/4, 1/8) when the plan reads
+at least that many times the input size on a matching lattice. Decoded source tiles are shared between neighbouring
+plan tiles through a small bounded cache. Everything else goes through `Slide.read_region` with one slide handle
+per thread. Planes: `l0_` level-0 pixels, `lvl_` pixels
 of the plan's level, `in_` model-input pixels (S = input size).
 """
 
@@ -158,15 +160,16 @@ def _resize(region: np.ndarray, s: int) -> np.ndarray:
     return cv2.resize(region, (s, s), interpolation=cv2.INTER_AREA)
 
 
-def _decode_scale(lvl_tile_size: int, input_size: int, tile_wh: tuple[int, int]) -> int:
-    """Largest JPEG DCT scale (2, 4 or 8) that leaves at least `input_size` pixels per tile side.
+def _decode_scale(plan: TilePlan, input_size: int, tile_wh: tuple[int, int]) -> int:
+    """Largest JPEG DCT scale (2, 4 or 8) that keeps at least `input_size` pixels per tile side, exactly.
 
-    When the read is an exact multiple k of the input size, the scale must divide k so that decoded pixels
-    stay on the plan's lattice (plan corners are multiples of k level pixels).
+    Exact means the scale divides the plan's corner lattice (in level pixels) and the source tile size, so every
+    decoded pixel is the average of whole level pixels, as an area resize of the full-size read would give.
     """
-    k = lvl_tile_size // input_size if lvl_tile_size % input_size == 0 else 0
+    lvl_align = plan.extra.get("l0_align", plan.level_downsample) / plan.level_downsample
+    align = int(round(lvl_align)) if abs(lvl_align - round(lvl_align)) < 1e-6 else 1
     for scale in (8, 4, 2):
-        fits = lvl_tile_size / scale >= input_size and (k == 0 or k % scale == 0)
+        fits = plan.lvl_tile_size / scale >= input_size and align % scale == 0
         if fits and tile_wh[0] % scale == 0 and tile_wh[1] % scale == 0:
             return scale
     return 1
@@ -192,7 +195,7 @@ class TileReader:
         if info.vendor in _FAST_VENDORS:  # formats whose OpenSlide level-0 frame is tifffile's first series
             self._level = self._try_fast(info.level_sizes_wh[plan.level])
         if self._level is not None and self._level.jpeg and scaled_decode:
-            self._level.set_scale(_decode_scale(plan.lvl_tile_size, self.input_size, self._level.tile_wh))
+            self._level.set_scale(_decode_scale(plan, self.input_size, self._level.tile_wh))
         self._cache = _TileCache(cache_bytes)
         self._local = threading.local()
         self._handles: list[Any] = []
