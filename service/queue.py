@@ -126,15 +126,19 @@ class JobQueue:
                 raise
 
     # --- jobs -------------------------------------------------------------------------------------------------
-    def submit(self, job_id: str, fields: Mapping[str, str]) -> tuple[dict[str, str], bool]:
-        """Create the job and queue its plan message; an existing live or finished job is returned as it is."""
+    def submit(self, job_id: str, fields: Mapping[str, str], rerun_done: bool = False) -> tuple[dict[str, str], bool]:
+        """Create the job and queue its plan message; an existing live or finished job is returned as it is.
+
+        A failed or cancelled job runs again (a new generation); so does a done one when `rerun_done`.
+        """
+        rerun = {C.STATE_FAILED, C.STATE_CANCELLED} | ({C.STATE_DONE} if rerun_done else set())
         key = self.job_key(job_id)
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
                     current: dict[str, str] = pipe.hgetall(key)  # type: ignore[assignment]
-                    if current and current.get("state") not in (C.STATE_FAILED, C.STATE_CANCELLED):
+                    if current and current.get("state") not in rerun:
                         pipe.unwatch()
                         return current, False
                     generation = str(int(current.get("generation", "0")) + 1)

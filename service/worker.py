@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -258,6 +259,9 @@ class Worker:
 
         self.queue.transition(msg.job_id, msg.generation, C.STATE_QUEUED, C.STATE_RUNNING,
                               started_at=f"{time.time():.3f}")
+        if msg.generation != "1" and job.get("chunks_total", "-1") == "-1":
+            # a new run of a failed, cancelled or lost job: start from an empty folder, not its leftovers
+            shutil.rmtree(self._job_dir(msg.job_id), ignore_errors=True)
         predictor = self.predictor(job)
         t0 = time.perf_counter()
         plan = prepare_job(self.settings.storage_dir / job["slide_file"], predictor.metadata,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,16 @@ def test_round_trip_results_events_and_idempotent_resubmission(client: TestClien
     assert bad.status_code == 422 and "min_tissue" in bad.json()["detail"]
     unknown_model = client.post("/v1/jobs", json={"slide_id": done["slide_id"], "model": "nope"})
     assert unknown_model.status_code == 404
+    # results lost from the shared storage: the same request runs the job again instead of pointing at nothing
+    before = heatmap(settings, job["job_id"])
+    shutil.rmtree(settings.jobs_dir / job["job_id"])
+    assert client.get(f"/v1/jobs/{job['job_id']}/result").status_code == 409
+    rerun = client.post("/v1/jobs", json={"slide_id": done["slide_id"]})
+    assert rerun.status_code == 202 and rerun.json()["job_id"] == job["job_id"]
+    client.post(f"/v1/jobs/{other.json()['job_id']}/cancel")
+    Worker(settings).run(burst=True)
+    assert job_state(client, job["job_id"])["state"] == C.STATE_DONE
+    np.testing.assert_array_equal(heatmap(settings, job["job_id"]), before)
 
 
 def test_two_worker_processes_share_one_slide(client: TestClient, settings: Settings, slides_dir: Path,

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -20,7 +21,7 @@ from service.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
 from service.errors import InvalidRequest
 from service.queue import JobQueue, dumps_options
 from service.schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
-from service.store import ModelRegistry, SlideRecord, SlideStore
+from service.store import ModelRegistry, SlideRecord, SlideStore, job_dir
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def canonical_options(body: JobCreate) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in C.WORKER_OPTION_KEYS}
 
 
-def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body: JobCreate,
+def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body: JobCreate, jobs_root: Path,
                slide: SlideRecord | None = None) -> tuple[dict[str, str], bool]:
     """Create the job (or find the identical one): its id hashes the slide, the model's checksum and parameters."""
     slide = slide or slides.get(body.slide_id)
@@ -98,7 +99,9 @@ def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body:
     fields = {"slide_id": slide.slide_id, "slide_file": str(slide.path.relative_to(slides.root.parent)),
               "model": model.name, "model_sha256": model.sha256, "options": params,
               "mpp": "" if mpp is None else repr(float(mpp))}
-    return queue.submit(job_id, fields)
+    # a done job whose files are gone from the shared storage is run again instead of pointing at nothing
+    missing = not (job_dir(jobs_root, job_id) / "result.json").is_file()
+    return queue.submit(job_id, fields, rerun_done=missing)
 
 
 def _respond(response: Response, record: dict[str, str], created: bool) -> JobPublic:
@@ -109,9 +112,9 @@ def _respond(response: Response, record: dict[str, str], created: bool) -> JobPu
 
 @router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses=_ERRORS)
 def create_job(body: JobCreate, response: Response, queue: QueueDep, slides: SlideStoreDep,
-               models: ModelsDep) -> JobPublic:
+               models: ModelsDep, settings: SettingsDep) -> JobPublic:
     """Analyse an uploaded slide; the same slide, model and parameters return the existing job."""
-    record, created = submit_job(queue, slides, models, body)
+    record, created = submit_job(queue, slides, models, body, settings.jobs_dir)
     return _respond(response, record, created)
 
 
@@ -137,7 +140,7 @@ async def upload_and_analyze(
         raise InvalidRequest(f"options must be a JSON object, got {options!r}")
     slide = await receive_slide(request, slides, settings, filename)
     body = JobCreate(slide_id=slide.slide_id, model=model, mpp=mpp, options=parsed)
-    record, created = await run_in_threadpool(submit_job, queue, slides, models, body, slide)
+    record, created = await run_in_threadpool(submit_job, queue, slides, models, body, settings.jobs_dir, slide)
     return _respond(response, record, created)
 
 
