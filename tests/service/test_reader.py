@@ -147,3 +147,31 @@ def test_dct_scaled_decode_matches_area_resize(tmp_path: Path) -> None:
     assert np.abs(scaled.astype(np.int16) - ref.astype(np.int16)).mean() < 2.0
     assert np.abs(full.astype(np.int16) - ref.astype(np.int16)).mean() < 0.5
     assert (scaled[-1][-10:, -10:] == 255).all()  # past the right and bottom edges
+
+
+def test_batches_are_read_ahead_while_the_consumer_works(slides_dir: Path) -> None:
+    import threading
+    import time
+
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as slide:
+        plan = plan_tiles(slide.info, _all_tissue(slide), 0.499, 240, min_tissue=0.0)
+        with TileReader(slide, plan, threads=2) as reader:
+            done: list[int] = []
+            lock = threading.Lock()
+            original = reader._read_tile
+
+            def counting(out: np.ndarray, slot: int, t_index: int) -> None:
+                original(out, slot, t_index)
+                with lock:
+                    done.append(t_index)
+
+            reader._read_tile = counting  # type: ignore[method-assign]
+            batches = reader.iter_batches(range(40), batch_size=4, prefetch=2)
+            next(batches)  # the consumer now "runs the model" on batch 0
+            deadline = time.monotonic() + 10.0
+            while len(done) < 12 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(done)[:12] == list(range(12))  # batches 1 and 2 were read during that time
+            time.sleep(0.05)
+            assert len(done) == 12  # and no more than `prefetch` batches ahead
+            batches.close()
