@@ -54,8 +54,10 @@ class OnnxWrapper(nn.Module):
     def __init__(self, model: PixelCAM, cfg: ModelConfig):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).reshape(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).reshape(1, 3, 1, 1))
+        self.device = next(model.parameters()).device  # buffers and inputs follow the model (CPU or GPU)
+        shape = (1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32, device=self.device).reshape(shape))
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32, device=self.device).reshape(shape))
 
     def forward(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
         x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (B, 3, S, S) in [0, 1]
@@ -155,7 +157,7 @@ def export_onnx(
     _check_config_matches(model, cfg)
     was_training = model.training
     wrapper = OnnxWrapper(model, cfg).eval()
-    dummy = torch.zeros(1, cfg.input_size, cfg.input_size, 3, dtype=torch.uint8)
+    dummy = torch.zeros(1, cfg.input_size, cfg.input_size, 3, dtype=torch.uint8, device=wrapper.device)
     batch_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -201,7 +203,7 @@ def check_parity(
     was_training = model.training
     wrapper = OnnxWrapper(model, model.config).eval()
     with torch.no_grad():
-        ref_probs, ref_fg = wrapper(torch.from_numpy(tiles))
+        ref_probs, ref_fg = (t.cpu() for t in wrapper(torch.from_numpy(tiles).to(wrapper.device)))
     model.train(was_training)
     diffs = {
         "class_probs": float(np.abs(got.class_probs - ref_probs.numpy()).max()),
@@ -228,7 +230,7 @@ def calibrate_batchnorm(model: PixelCAM, tiles_uint8: np.ndarray) -> None:
     model.train()
     with torch.no_grad():
         for batch in np.array_split(tiles_uint8, max(1, len(tiles_uint8) // 8)):
-            wrapper(torch.from_numpy(np.ascontiguousarray(batch)))
+            wrapper(torch.from_numpy(np.ascontiguousarray(batch)).to(wrapper.device))
     for m, momentum in zip(bns, saved, strict=True):
         m.momentum = momentum
     model.eval()
