@@ -25,9 +25,11 @@ from fastapi import Path as PathParam
 from service import constants as C
 from service.deepzoom import (
     COLORMAPS,
+    ArrayHeatmap,
     DeepZoomError,
     DeepZoomGeometry,
     HeatmapSource,
+    TiffHeatmap,
     TileOutOfRangeError,
     dzi_xml,
     encode_tile,
@@ -36,6 +38,7 @@ from service.deepzoom import (
 )
 from service.deps import QueueDep, SettingsDep, SlideStoreDep
 from service.errors import InvalidRequest, NotFoundError, ResultNotReady
+from service.pipeline import partial_heatmap
 from service.schemas import ErrorPublic
 from service.settings import Settings
 from service.slides import MissingMppError, Slide, SlideError, SlideInfo, open_slide
@@ -187,6 +190,7 @@ class TileCache:
 @dataclass
 class _TileState:
     slides: SlidePool
+    slide_tiles: TileCache  # encoded slide tiles (zoomed-out tiles of single-level slides are costly to render)
     tiles: TileCache  # encoded overlay tiles
     heatmaps: TileCache  # decoded heatmap sources of jobs, keyed by job version
     slide_paths: TileCache  # slide id -> path (store lookups read info.json)
@@ -202,7 +206,8 @@ def get_tile_state(request: Request) -> _TileState:
         with _STATE_LOCK:
             state = getattr(request.app.state, "tiles", None)
             if state is None:
-                state = _TileState(SlidePool(), TileCache(64 << 20), TileCache(512 << 20), TileCache(1 << 20))
+                state = _TileState(SlidePool(), TileCache(128 << 20), TileCache(64 << 20), TileCache(512 << 20),
+                                   TileCache(1 << 20))
                 request.app.state.tiles = state
     return state  # type: ignore[no-any-return]
 
@@ -270,13 +275,20 @@ def slide_tile(slide_id: str, level: LevelParam, col: ColParam, row: RowParam, f
     _tile(geometry, level, col, row)
     kind: Literal["jpeg", "png"] = "png" if fmt == "png" else "jpeg"
 
+    key = (slide_id, level, col, row, kind)
+
     def produce() -> bytes:
+        cached = state.slide_tiles.get(key)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         with state.slides.borrow(path) as slide:
             try:
                 pixels = render_slide_tile(slide, geometry, level, col, row)
             except SlideError as err:
                 raise InvalidRequest(f"slide {slide_id} could not be read at tile {level}/{col}_{row}: {err}") from err
-        return encode_tile(pixels, kind)
+        data = encode_tile(pixels, kind)
+        state.slide_tiles.put(key, data, len(data))
+        return data
 
     return _cached_response(request, _etag("slide", slide_id, TILE_SIZE, OVERLAP, level, col, row, kind),
                             SLIDE_CACHE_CONTROL, f"image/{kind}", produce)
@@ -311,45 +323,21 @@ def _job_version(record: dict[str, str]) -> tuple[str, ...]:
 
 
 def _hm_downsample(folder: Path) -> float:
-    """The heatmap's declared downsample, from the job's result or plan."""
-    for name in ("result.json", "plan.json"):
-        path = folder / name
-        if path.is_file():
-            found = _find_key(json.loads(path.read_text()), "hm_downsample")
-            if found is not None:
-                return float(found)
-    raise ResultNotReady(f"no heatmap downsample recorded in {folder.name}; the job has not been planned yet")
+    """The heatmap's declared downsample: `heatmap.hm_downsample` of the job's result.json."""
+    try:
+        return float(json.loads((folder / "result.json").read_text())["heatmap"]["hm_downsample"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ResultNotReady(
+            f"job {folder.name} has a heatmap but no readable heatmap.hm_downsample in result.json; resubmit it"
+        ) from err
 
 
-def _find_key(doc: Any, key: str) -> Any | None:
-    """The first value of `key` anywhere in a JSON document."""
-    if isinstance(doc, dict):
-        if key in doc:
-            return doc[key]
-        values = list(doc.values())
-    elif isinstance(doc, list):
-        values = doc
-    else:
-        return None
-    for value in values:
-        found = _find_key(value, key)
-        if found is not None:
-            return found
-    return None
-
-
-def _load_heatmap(folder: Path, record: dict[str, str], l0_size_wh: tuple[int, int]) -> HeatmapSource | None:
+def _load_heatmap(folder: Path, record: dict[str, str]) -> HeatmapSource | None:
     """The finished heatmap TIFF, else a partial heatmap stitched from the chunk files present; None if none."""
-    from service.deepzoom import ArrayHeatmap, TiffHeatmap
-
     tif = folder / "heatmap.tif"
     if record.get("state") == C.STATE_DONE and tif.is_file():
         return TiffHeatmap(tif, _hm_downsample(folder))
-    if not (folder / "plan.json").is_file():
-        return None
-    from service import pipeline
-
-    partial = pipeline.partial_heatmap(folder)
+    partial = partial_heatmap(folder)
     if partial is None:
         return None
     probs, hm_downsample = partial
@@ -402,7 +390,7 @@ def overlay_tile(job_id: str, level: LevelParam, col: ColParam, row: RowParam, r
             return cached  # type: ignore[no-any-return]
         source = state.heatmaps.get((job_id, *version))
         if source is None:
-            source = _load_heatmap(folder, record, geometry.l0_size_wh)
+            source = _load_heatmap(folder, record)
             size = 1 << 20 if source is None else _source_bytes(source)
             state.heatmaps.put((job_id, *version), source or _EMPTY, size)
         if source is _EMPTY or source is None:

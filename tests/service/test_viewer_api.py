@@ -122,6 +122,7 @@ def test_slide_tile_etag_round_trip_and_errors(client: TestClient, slide_id: str
     first = client.get(url)
     etag = first.headers["etag"]
     assert first.headers["cache-control"].startswith("public")
+    assert client.get(url).content == first.content, "the server-side tile cache returns the same bytes"
     cached = client.get(url, headers={"If-None-Match": etag})
     assert cached.status_code == 304 and cached.headers["etag"] == etag
     other = client.get(f"/v1/slides/{slide_id}_files/12/1_2.jpeg")
