@@ -279,8 +279,8 @@ class TileReader:
         handle = self._thread_handle()
         if self._level is not None:
             f = self._level.scale * self.plan.level_downsample  # level-0 pixels per decoded pixel
-            region = self._region_fast(self._level, handle, int(np.floor(l0_x / f + 1e-3)),
-                                       int(np.floor(l0_y / f + 1e-3)),
+            # round, not floor: with a downsample like 4.0003 a lattice corner maps to 999.93, meaning 1000
+            region = self._region_fast(self._level, handle, int(round(l0_x / f)), int(round(l0_y / f)),
                                        max(1, int(round(size / self._level.scale))))
         else:
             region = handle.read_region((l0_x, l0_y), self.plan.level, (size, size))
