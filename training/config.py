@@ -173,7 +173,7 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; valid keys are the TrainConfig fields: {sorted(known)}")
     hints = typing.get_type_hints(TrainConfig)
-    coerced = {k: tuple(v) if _base_type(hints[k]) is tuple else v for k, v in values.items()}
+    coerced: dict[str, Any] = {k: tuple(v) if _base_type(hints[k]) is tuple else v for k, v in values.items()}
     cfg = TrainConfig(**coerced)
     cfg.validate()
     return cfg

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.network import PixelCAM
 from training.data import WHITE, Sample
 from training.metrics import PixelCounts, accuracy
 
@@ -56,7 +57,7 @@ def layercam(features: torch.Tensor, logits: torch.Tensor, class_idx: torch.Tens
     return F.relu((F.relu(grad) * features).sum(dim=1))
 
 
-def fm_maps(model: torch.nn.Module, x: torch.Tensor, class_idx: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def fm_maps(model: PixelCAM, x: torch.Tensor, class_idx: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Class logits (B, K) and a localisation map (B, h, w) in [0, 1] at feature resolution."""
     if mode not in MAP_MODES:
         raise ValueError(f"map mode must be one of {MAP_MODES}, got {mode!r}")
@@ -73,7 +74,7 @@ def fm_maps(model: torch.nn.Module, x: torch.Tensor, class_idx: torch.Tensor, mo
 
 
 def predict_image(
-    model: torch.nn.Module, sample: Sample, *, mode: str, stride: int, mean: tuple[float, ...], std: tuple[float, ...]
+    model: PixelCAM, sample: Sample, *, mode: str, stride: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits (K,), the fm map of the padded image (h, w) and the map at image size (H, W)."""
     h, w = sample.image.shape[:2]
@@ -108,7 +109,7 @@ class SplitResult:
 
 
 def evaluate_split(
-    model: torch.nn.Module,
+    model: PixelCAM,
     samples: list[Sample],
     *,
     mode: str,

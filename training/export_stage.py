@@ -13,6 +13,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.export import check_parity, export_onnx
+from model.network import PixelCAM
 from model.runtime import Predictor, read_model_metadata
 from training.data import WHITE, GeomAug, Sample, apply_geom
 from training.evaluate import evaluate_split, to_input
@@ -37,12 +38,12 @@ def real_tiles(samples: list[Sample], size: int, n: int) -> np.ndarray:
     return np.stack(tiles)
 
 
-def _tau(ctx: RunContext, model: torch.nn.Module) -> float:
+def _tau(ctx: RunContext, model: PixelCAM) -> float:
     """τ from the evaluate stage (max mIoU on valpx), recomputed on valpx when that stage has not run."""
     report = read_report(ctx.run_dir / "evaluate")
     if report:
         return float(report["results"]["pixelcam"]["tau"])
-    mcfg = model.config  # type: ignore[attr-defined]
+    mcfg = model.config
     val = evaluate_split(
         model, ctx.samples("valcl"), mode="pixel", stride=mcfg.output_stride, mean=mcfg.mean, std=mcfg.std,
         pixel_names=set(ctx.splits["valpx"]),

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     logger.info("config sha256 %s; run dir %s", cfg.sha256(), cfg.run_dir)
     ctx = prepare_run(cfg)
-    stages = ORDER if cfg.stage == "all" else (cfg.stage,)
+    stages: tuple[str, ...] = ORDER if cfg.stage == "all" else (cfg.stage,)
     if cfg.stage == "all" and cfg.resume:
         # resuming a whole recipe: skip the stages that already finished before the resumed one
         done = [s for s in ORDER if (ctx.run_dir / s / "report.json").is_file()]

@@ -169,8 +169,8 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
     else:
         model = build_model(ctx.mcfg)
         if cfg.pretrained:
-            report = load_pretrained(model.encoder, cfg.pretrained)
-            logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, report)
+            loaded = load_pretrained(model.encoder, cfg.pretrained)
+            logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, loaded)
     valpx = set(ctx.splits["valpx"])
     state = train_stage(
         model,
@@ -217,7 +217,8 @@ def run_cams(ctx: RunContext) -> dict[str, Any]:
     )
     out = ctx.run_dir / "cams"
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "cams.npz", **{k: v.astype(np.float16) for k, v in res.maps.items()})
+    arrays: dict[str, Any] = {k: v.astype(np.float16) for k, v in res.maps.items()}
+    np.savez_compressed(out / "cams.npz", **arrays)
     wall = time.perf_counter() - t0
     report = {
         "stage": "cams",
