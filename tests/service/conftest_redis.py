@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,14 +50,9 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def shell_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small randomly initialised model exported through the model contract (`python -m model.export --random`)."""
-    out = tmp_path_factory.mktemp("models") / "random.onnx"
-    cmd = [sys.executable, "-m", "model.export", "--random", str(out), "--width", "0.25", "--parity-tiles", "0"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"random model export failed:\n{proc.stdout}\n{proc.stderr}")
-    return out
+def shell_model_path(random_model_path: Path) -> Path:
+    """The small random model of `tests/service/conftest.py` (exported once per session through the contract)."""
+    return random_model_path
 
 
 def make_settings(tmp_path: Path, redis_url: str, models_dir: Path | None = None, **overrides: object) -> Settings:
