@@ -228,6 +228,13 @@ async function loadResult() {
       rows.unshift([`p(${call.positive_class})`, call.positive_probability.toFixed(3)]);
     }
     if (result.message) rows.push(["note", result.message]);
+    // the model's own threshold (from its validation data) unless the URL chose one
+    if (!query.has("threshold") && typeof evidence.threshold === "number" && evidence.threshold !== state.threshold) {
+      state.threshold = evidence.threshold;
+      document.getElementById("threshold").value = state.threshold;
+      document.getElementById("threshold-value").textContent = state.threshold.toFixed(2);
+      setOverlay();
+    }
     fillTable(document.getElementById("evidence"), rows);
     document.getElementById("result").hidden = false;
   } catch (err) {
