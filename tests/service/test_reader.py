@@ -175,3 +175,15 @@ def test_batches_are_read_ahead_while_the_consumer_works(slides_dir: Path) -> No
             time.sleep(0.05)
             assert len(done) == 12  # and no more than `prefetch` batches ahead
             batches.close()
+
+
+def test_subifd_pyramid_level_read_directly(tmp_path: Path) -> None:
+    path = write_pyramid(tmp_path / "sub.tif", tissue_image(1024, 768, seed=6), subifds=True, tile=128)
+    with open_slide(path) as slide:
+        assert slide.info.backend == "tiffslide"
+        plan = plan_tiles(slide.info, _all_tissue(slide), 1.0, 64, min_tissue=0.0)
+        assert (plan.level, plan.lvl_tile_size) == (1, 64)
+        with TileReader(slide, plan, threads=2) as reader:
+            assert reader.fast
+            tiles = reader.read(range(len(plan)))
+        np.testing.assert_array_equal(tiles, _reference(slide, plan, 64))
