@@ -133,7 +133,7 @@ class Slide:
         """tiffslide read clipped to the level, padded with white (tiffslide pads with black)."""
         ds = self.info.level_downsamples[level]
         full_w, full_h = self.info.level_sizes_wh[level]
-        lvl_x, lvl_y = int(np.floor(l0_x / ds)), int(np.floor(l0_y / ds))
+        lvl_x, lvl_y = int(round(l0_x / ds)), int(round(l0_y / ds))  # as the tile reader does
         out = np.full((lvl_h, lvl_w, 3), 255, np.uint8)
         x0, y0 = max(lvl_x, 0), max(lvl_y, 0)
         x1, y1 = min(lvl_x + lvl_w, full_w), min(lvl_y + lvl_h, full_h)
