@@ -5,8 +5,9 @@ level-0 pixels, origin top-left, y down, minus the slide's bounds offset when it
 formats whose `openslide.bounds-*` QuPath crops to), which is the frame QuPath uses; the collection's
 `metadata.frame` says which offset was applied.
 
-Regions are polygonised without tracing: each heatmap row's runs of positive cells become boxes, and shapely
-unions them into exact cell-edge polygons with holes (4-connected), before simplification.
+Regions are polygonised from each heatmap row's runs of positive cells: runs are grouped into 4-connected
+components, and OpenCV traces each component's outline and holes on a doubled grid whose pixels map back to
+exact cell edges (see `_outline`), before shapely checks validity and simplifies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import shapely
 from shapely.geometry import mapping
@@ -79,7 +81,7 @@ class RunTable:
 class Region:
     """One connected positive region in heatmap cells (exact cell edges, before simplification)."""
 
-    hm_polygon: shapely.Polygon
+    hm_polygon: BaseGeometry  # Polygon (MultiPolygon only where a shape touches itself at a corner)
     cells: int
     mean_prob: float
     max_prob: float
@@ -116,39 +118,82 @@ def collect_runs(
         yield band
 
 
-def _stacked_runs(runs: RunTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Runs with the same [x0, x1) on consecutive rows merged into one rectangle: (x0, y0, x1, y1) arrays.
+def _components(runs: RunTable) -> np.ndarray:
+    """Label of each run's 4-connected component (runs on adjacent rows that overlap in x are connected)."""
+    n = len(runs)
+    row, x0, x1 = runs.hm_row, runs.hm_x0, runs.hm_x1
+    span = int(max(x1.max(), 1)) + 1
+    # runs are sorted by (row, x0) and disjoint within a row, so x1 is sorted the same way
+    key_x0, key_x1 = row * span + x0, row * span + x1
+    lo = np.searchsorted(key_x1, (row - 1) * span + x0, side="right")
+    hi = np.searchsorted(key_x0, (row - 1) * span + x1, side="left")
+    counts = np.maximum(hi - lo, 0)
+    below = np.repeat(np.arange(n), counts)
+    above = np.concatenate(
+        [np.arange(a, b) for a, b in zip(lo, hi, strict=True) if b > a] or [np.zeros(0, np.int64)]
+    )
+    parent = list(range(n))
 
-    The union then sees far fewer boxes (a blob of h rows of equal width is one box, not h).
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(below.tolist(), above.tolist(), strict=True):
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    return np.array([root(i) for i in range(n)], np.int64)
+
+
+def _outline(row: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> BaseGeometry:
+    """Exact cell-edge outline (with holes) of one component's runs, traced by OpenCV.
+
+    The runs are drawn at twice the resolution with a one-pixel margin; OpenCV then traces the boundary pixels,
+    and pixel p of that canvas maps back to cell edge p // 2: the first pixel of a cell lands on its left/top
+    edge, the last on its right/bottom edge, and the diagonal steps at corners collapse onto the exact corner.
     """
-    order = np.lexsort((runs.hm_row, runs.hm_x1, runs.hm_x0))
-    x0, x1, row = runs.hm_x0[order], runs.hm_x1[order], runs.hm_row[order]
-    starts = np.ones(order.size, bool)
-    starts[1:] = (x0[1:] != x0[:-1]) | (x1[1:] != x1[:-1]) | (row[1:] != row[:-1] + 1)
-    first = np.flatnonzero(starts)
-    last = np.append(first[1:], order.size) - 1
-    return x0[first], row[first], x1[first], row[last] + 1
+    r0, c0 = int(row.min()), int(x0.min())
+    canvas = np.zeros((2 * (int(row.max()) - r0 + 1) + 2, 2 * (int(x1.max()) - c0) + 2), np.uint8)
+    for r, a, b in zip((row - r0).tolist(), (x0 - c0).tolist(), (x1 - c0).tolist(), strict=True):
+        canvas[1 + 2 * r : 3 + 2 * r, 1 + 2 * a : 1 + 2 * b] = 1
+    contours, hierarchy = cv2.findContours(canvas, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    rings = [c.reshape(-1, 2) // 2 + (c0, r0) for c in contours]
+    shells = []
+    for i, ring in enumerate(rings):
+        if hierarchy[0][i][3] < 0:
+            holes = [rings[j] for j in range(len(rings)) if hierarchy[0][j][3] == i]
+            shells.append(shapely.Polygon(ring, holes))
+    geom = shells[0] if len(shells) == 1 else shapely.MultiPolygon(shells)
+    if not geom.is_valid:  # a shape touching itself at a corner
+        geom = shapely.make_valid(geom, method="structure")
+    # tolerance 0 only drops the repeated and collinear vertices left by the mapping
+    return shapely.simplify(geom, 0.0)
 
 
 def find_regions(runs: RunTable, *, min_cells: int = 1) -> list[Region]:
-    """Union the runs into connected regions with holes; drop regions smaller than `min_cells`."""
+    """Group the runs into 4-connected regions with holes; drop regions smaller than `min_cells`."""
     if len(runs) == 0:
         return []
-    boxes = shapely.box(*_stacked_runs(runs))
-    # tolerance 0 only drops the collinear vertices the box corners leave along straight edges
-    parts = list(shapely.simplify(shapely.get_parts(shapely.union_all(boxes)), 0.0))
-    tree = shapely.STRtree(parts)
-    centres = shapely.points(runs.hm_x0 + 0.5, runs.hm_row + 0.5)
-    run_idx, part_idx = tree.query(centres, predicate="within")
-    cells = np.bincount(part_idx, weights=(runs.hm_x1 - runs.hm_x0)[run_idx], minlength=len(parts))
-    sums = np.bincount(part_idx, weights=runs.prob_sum[run_idx], minlength=len(parts))
-    maxes = np.zeros(len(parts))
-    np.maximum.at(maxes, part_idx, runs.prob_max[run_idx])
-    regions = [
-        Region(hm_polygon=p, cells=int(c), mean_prob=float(s / c), max_prob=float(m))
-        for p, c, s, m in zip(parts, cells, sums, maxes, strict=True)
-        if c >= min_cells
-    ]
+    order = np.lexsort((runs.hm_x0, runs.hm_row))
+    runs = RunTable(*(getattr(runs, f)[order] for f in RunTable.__annotations__))
+    labels = _components(runs)
+    by_label = np.argsort(labels, kind="stable")
+    starts = np.flatnonzero(np.diff(labels[by_label], prepend=-1))
+    lengths = runs.hm_x1 - runs.hm_x0
+    regions = []
+    for members in np.split(by_label, starts[1:]):
+        cells = int(lengths[members].sum())
+        if cells < min_cells:
+            continue
+        outline = _outline(runs.hm_row[members], runs.hm_x0[members], runs.hm_x1[members])
+        mean = float(runs.prob_sum[members].sum() / cells)
+        regions.append(
+            Region(
+                hm_polygon=outline, cells=cells, mean_prob=mean, max_prob=float(runs.prob_max[members].max())
+            )
+        )
     regions.sort(key=lambda r: (-r.cells, r.hm_bounds))
     return regions
 
@@ -176,12 +221,17 @@ def _geometry(geom: BaseGeometry) -> dict[str, Any]:
 
 
 def _to_l0(
-    hm_geom: BaseGeometry, hm_downsample: float, l0_offset_xy: tuple[float, float], l0_clip: BaseGeometry
+    hm_geom: BaseGeometry,
+    hm_downsample: float,
+    l0_offset_xy: tuple[float, float],
+    l0_clip: BaseGeometry | None,
 ) -> BaseGeometry:
-    """Scale heatmap cells to level-0 pixels, clip to the slide, then shift into the output frame."""
+    """Scale heatmap cells to level-0 pixels, clip to the slide (if it may cross the edge), shift to the frame."""
     ds = float(hm_downsample)
-    geom = shapely.intersection(shapely.affinity.scale(hm_geom, ds, ds, origin=(0, 0)), l0_clip)
-    return shapely.affinity.translate(geom, -l0_offset_xy[0], -l0_offset_xy[1])
+    geom = shapely.transform(hm_geom, lambda xy: xy * ds - np.asarray(l0_offset_xy))
+    if l0_clip is None:
+        return geom
+    return shapely.intersection(geom, shapely.affinity.translate(l0_clip, -l0_offset_xy[0], -l0_offset_xy[1]))
 
 
 def region_features(
@@ -203,8 +253,13 @@ def region_features(
         simple = shapely.simplify(region.hm_polygon, simplify_hm, preserve_topology=True)
         if not simple.is_valid:
             simple = shapely.make_valid(simple, method="structure")
-        exact_l0 = _to_l0(region.hm_polygon, hm_downsample, (0.0, 0.0), l0_clip)
-        geom = _to_l0(simple, hm_downsample, l0_offset_xy, l0_clip)
+        _, _, hm_x1, hm_y1 = region.hm_bounds
+        crosses_edge = hm_x1 * hm_downsample > l0_size_wh[0] or hm_y1 * hm_downsample > l0_size_wh[1]
+        clip = l0_clip if crosses_edge else None
+        l0_area = region.cells * float(hm_downsample) ** 2  # exact: the outline follows cell edges
+        if crosses_edge:
+            l0_area = _to_l0(region.hm_polygon, hm_downsample, (0.0, 0.0), l0_clip).area
+        geom = _to_l0(simple, hm_downsample, l0_offset_xy, clip)
         if geom.is_empty or not isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
             geom = shapely.union_all([g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)])
             if geom.is_empty:
@@ -219,7 +274,7 @@ def region_features(
                     "name": f"{name} {i + 1}",
                     "classification": {"name": name, "color": [int(c) for c in color]},
                     "measurements": {
-                        AREA_KEY: round(exact_l0.area * l0_mpp**2, 2),
+                        AREA_KEY: round(l0_area * l0_mpp**2, 2),
                         "Mean probability": round(region.mean_prob, 4),
                         "Max probability": round(region.max_prob, 4),
                     },

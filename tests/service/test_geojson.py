@@ -7,6 +7,7 @@ import json
 import uuid
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import shapely
@@ -197,3 +198,21 @@ def test_written_collection_reads_back(tmp_path: Path, name: str) -> None:
 def test_no_positive_cells_give_no_regions() -> None:
     band = HeatmapBand(0, np.zeros((3, 3), np.float32), np.ones((3, 3), bool))
     assert find_regions(runs_of_band(band, 0.5)) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_masks_give_exact_4_connected_outlines(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    positive = rng.random((40, 60)) < 0.5  # many holes, corner contacts and self-touching shapes
+    band = HeatmapBand(0, positive.astype(np.float32), np.ones(positive.shape, bool))
+    regions = find_regions(runs_of_band(band, 0.5))
+    count, labels = cv2.connectedComponents(positive.astype(np.uint8), connectivity=4)
+    assert len(regions) == count - 1
+    assert sum(r.cells for r in regions) == positive.sum()
+    for region in regions:
+        assert region.hm_polygon.is_valid
+        assert region.hm_polygon.area == pytest.approx(region.cells)  # cell edges, exactly
+        ys, xs = np.mgrid[0:40, 0:60]
+        inside = shapely.contains_xy(region.hm_polygon, xs + 0.5, ys + 0.5)
+        (label,) = np.unique(labels[inside])  # the cells inside are one component...
+        np.testing.assert_array_equal(inside, labels == label)  # ...and all of it
