@@ -111,7 +111,8 @@ def _settle(page: object) -> None:
     page.wait_for_timeout(500)  # type: ignore[attr-defined]
 
 
-def test_viewer_draws_slide_and_overlay_in_chromium(server: str, finished_job: tuple[str, str]) -> None:
+def test_viewer_draws_slide_and_overlay_in_chromium(server: str, finished_job: tuple[str, str],
+                                                    slides_dir: Path) -> None:
     _need_browser()
     from playwright.sync_api import sync_playwright
 
@@ -147,9 +148,19 @@ def test_viewer_draws_slide_and_overlay_in_chromium(server: str, finished_job: t
             _settle(page)
             slide_only = page.screenshot(path=str(ARTIFACTS / "viewer_slide.png"), full_page=False)
             box = _osd_box(page)
+            # the start page lists the job with a link into the viewer
+            page.goto(f"{server}/")
+            page.wait_for_selector(f"a[href='/viewer/{slide_id}?job={job_id}']", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "index.png"), full_page=False)
+            listed = page.locator("#jobs").inner_text()
+            # the upload form starts the analysis (same bytes and model: the existing job) and opens the viewer
+            page.set_input_files("#upload-file", str(slides_dir / SLIDE))
+            page.click("#upload-button")
+            page.wait_for_url(f"**/viewer/{slide_id}?job={job_id}", timeout=60_000)
         finally:
             browser.close()
     assert not state["errors"], state["errors"]
+    assert job_id[:12] in listed and "done" in listed
     assert not [c for c in console if c.startswith(("error", "pageerror"))], console
     assert state["items"] == 2 and state["tiles"]["slide"] > 0 and state["tiles"]["overlay"] > 0
     assert state["klass"].strip() and state["scaleHidden"] is False and ("µm" in state["scale"] or "mm" in state["scale"])
