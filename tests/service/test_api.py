@@ -115,6 +115,23 @@ def test_models_are_listed_validated_and_the_default_can_change(client: TestClie
     assert client.get("/v1/models").json()["default"] == "second"
 
 
+def test_jobs_name_their_model_by_checksum(client: TestClient, settings: Settings, slides_dir: Path) -> None:
+    slide_id = _upload(client, slides_dir / SLIDE).json()["slide_id"]
+    first = client.post("/v1/jobs", json={"slide_id": slide_id, "model": "random"})
+    assert first.status_code == 202 and first.json()["model"] == "random"
+    # the same bytes under another name are the same model: the job is found, not queued twice
+    shutil.copyfile(settings.models_dir / "random.onnx", settings.models_dir / "copy.onnx")
+    same = client.post("/v1/jobs", json={"slide_id": slide_id, "model": "copy"})
+    assert same.status_code == 200 and same.json()["job_id"] == first.json()["job_id"]
+    assert same.json()["model_sha256"] == client.get("/v1/models/copy").json()["sha256"]
+    overridden = client.post("/v1/jobs", json={"slide_id": slide_id, "mpp": 0.25})
+    assert overridden.status_code == 202 and overridden.json()["mpp"] == 0.25
+    assert overridden.json()["job_id"] != first.json()["job_id"]
+    assert overridden.json()["options"]["mpp_override"] == 0.25
+    extra = client.post("/v1/jobs", json={"slide_id": slide_id, "colour": "red"})
+    assert extra.status_code == 422
+
+
 def test_model_upload_validates_against_the_contract(client: TestClient, settings: Settings,
                                                      shell_model_path: Path) -> None:
     bad = client.post("/v1/models", params={"name": "junk"}, content=b"\x00" * 100)
