@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +20,14 @@ from service.api import create_app
 from service.deepzoom import TiffHeatmap
 from service.settings import Settings
 from service.worker import Worker
+from tests.conftest import shared_data_dir
 from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
+from tests.service.conftest_redis import make_settings
 
 pytestmark = pytest.mark.redis
 
 SLIDE = "CMU-1-Small-Region.svs"
+DATA_SLIDES = shared_data_dir() / "slides"
 CMU_WH = (2220, 2967)
 CMU_MPP = 0.499
 OBJECT_TYPES = {"annotation", "detection", "tile", "cell", "tmaCore", "root"}
@@ -31,17 +35,24 @@ GEOMETRY_TYPES = {"Point", "MultiPoint", "LineString", "MultiLineString", "Polyg
                   "GeometryCollection"}
 
 
-@pytest.fixture()
-def done_job(settings: Settings, slides_dir: Path) -> Iterator[tuple[TestClient, str, dict[str, Any]]]:
+@pytest.fixture(scope="module")
+def done_job(tmp_path_factory: pytest.TempPathFactory, redis_url: str,
+             shell_model_path: Path) -> Iterator[tuple[TestClient, str, dict[str, Any], Settings]]:
+    """One real job for the whole module: uploaded through the API, run to the end by a real worker."""
+    root = tmp_path_factory.mktemp("qupath")
+    models = root / "models"
+    models.mkdir()
+    shutil.copyfile(shell_model_path, models / "random.onnx")
+    settings = make_settings(root, redis_url, models)
     with TestClient(create_app(settings)) as client:
-        resp = client.post("/v1/analyze", content=(slides_dir / SLIDE).read_bytes(), params={"filename": SLIDE},
+        resp = client.post("/v1/analyze", content=(DATA_SLIDES / SLIDE).read_bytes(), params={"filename": SLIDE},
                            headers={"Content-Type": "application/octet-stream"})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["job_id"]
         Worker(settings, name="qupath-test").run(burst=True)
         result = client.get(f"/v1/jobs/{job_id}/result")
         assert result.status_code == 200, result.text
-        yield client, job_id, result.json()
+        yield client, job_id, result.json(), settings
 
 
 def _rings(geometry: dict[str, Any]) -> list[list[list[float]]]:
@@ -79,8 +90,8 @@ def _check_feature(feature: dict[str, Any]) -> None:
             assert xy[:, 0].min() < CMU_WH[0] and xy[:, 1].min() < CMU_WH[1]
 
 
-def test_geojson_follows_qupath_reader_rules(done_job: tuple[TestClient, str, dict[str, Any]]) -> None:
-    client, job_id, _ = done_job
+def test_geojson_follows_qupath_reader_rules(done_job: tuple[TestClient, str, dict[str, Any], Settings]) -> None:
+    client, job_id, _, _ = done_job
     collection = json.loads(client.get(f"/v1/jobs/{job_id}/geojson").content)
     assert collection["type"] == "FeatureCollection" and isinstance(collection["features"], list)
     features = collection["features"]
@@ -93,9 +104,8 @@ def test_geojson_follows_qupath_reader_rules(done_job: tuple[TestClient, str, di
     assert [f["id"] for f in again["features"]] == ids, "ids are stable between downloads"
 
 
-def test_tile_measurements_reproduce_the_heatmap(done_job: tuple[TestClient, str, dict[str, Any]],
-                                                 settings: Settings) -> None:
-    client, job_id, result = done_job
+def test_tile_measurements_reproduce_the_heatmap(done_job: tuple[TestClient, str, dict[str, Any], Settings]) -> None:
+    client, job_id, result, settings = done_job
     features = json.loads(client.get(f"/v1/jobs/{job_id}/geojson").content)["features"]
     tiles = [f for f in features if f["properties"]["objectType"] in ("tile", "detection")]
     assert len(tiles) == result["evidence"]["tiles_analysed"]
@@ -118,8 +128,8 @@ def test_tile_measurements_reproduce_the_heatmap(done_job: tuple[TestClient, str
 
 
 def test_heatmap_tiff_opens_with_the_stated_size_and_pixel_size(
-        done_job: tuple[TestClient, str, dict[str, Any]]) -> None:
-    client, job_id, result = done_job
+        done_job: tuple[TestClient, str, dict[str, Any], Settings]) -> None:
+    client, job_id, result, _ = done_job
     meta = result["heatmap"]
     data = client.get(f"/v1/jobs/{job_id}/heatmap.tif").content
     hm_ds = float(meta["hm_downsample"])
