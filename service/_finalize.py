@@ -19,6 +19,7 @@ import cv2
 from model.runtime import ModelMetadata
 from service._jobfiles import TISSUE_FILE, ChunkIndex, PipelineError
 from service.geojson import (
+    Region,
     RunTable,
     collect_runs,
     feature_collection,
@@ -70,11 +71,12 @@ class AnalysisResult:
     @property
     def label(self) -> str | None:
         """The slide's class (None when no tissue was found)."""
-        return self.result["classification"]["label"]
+        label = self.result["classification"]["label"]
+        return None if label is None else str(label)
 
     def path(self, key: str) -> Path:
         """The path of one output: 'result', 'heatmap', 'overlay' or 'geojson'."""
-        return self.out_dir / self.result["outputs"][key]
+        return self.out_dir / str(self.result["outputs"][key])
 
 
 def _provenance(plan: JobPlan, model_meta: ModelMetadata, model_sha256: str) -> dict[str, Any]:
@@ -133,7 +135,7 @@ def _overlay(plan: JobPlan, out: Path) -> None:
 
 
 def _geojson(
-    plan: JobPlan, regions: list, index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float
+    plan: JobPlan, regions: list[Region], index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float
 ) -> list[dict[str, Any]]:
     """Annotations for the positive regions, then (optionally) one tile object per analysed tile."""
     features = region_features(

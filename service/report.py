@@ -148,7 +148,8 @@ class EvidenceCounter:
         rows = ((np.arange(hm_y0, hm_y0 + shape_hw[0]) + 0.5) * ds / per_px).astype(np.int64)
         cols = ((np.arange(shape_hw[1]) + 0.5) * ds / per_px).astype(np.int64)
         inside = (rows < mh)[:, None] & (cols < mw)[None, :]
-        return self.tissue_mask[np.minimum(rows, mh - 1)][:, np.minimum(cols, mw - 1)] & inside
+        sampled: np.ndarray = self.tissue_mask[np.minimum(rows, mh - 1)][:, np.minimum(cols, mw - 1)] & inside
+        return sampled
 
     def add(self, band: HeatmapBand) -> HeatmapBand:
         """Count one band and hand it on unchanged."""

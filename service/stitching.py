@@ -111,7 +111,8 @@ def cosine_window(size_hw: tuple[int, int], floor: float = 1e-3) -> np.ndarray:
     h, w = size_hw
     wy = np.sin(np.pi * (np.arange(h) + 0.5) / h)
     wx = np.sin(np.pi * (np.arange(w) + 0.5) / w)
-    return np.maximum(np.outer(wy, wx), floor).astype(np.float32)
+    window: np.ndarray = np.maximum(np.outer(wy, wx), floor).astype(np.float32)
+    return window
 
 
 def tile_footprints(grid: HeatmapGrid, l0_xy: np.ndarray, l0_tile_size: float) -> np.ndarray:
