@@ -65,6 +65,14 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path: Path, redis_u
 
         streamed = c.post("/v1/slides", content=chunks(), params={"filename": SLIDE})
         assert streamed.status_code == 413
+
+        def form_chunks() -> Iterator[bytes]:
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.svs"\r\n\r\n'
+            yield from chunks()
+            yield b"\r\n--b--\r\n"
+
+        form = c.post("/v1/slides", content=form_chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert form.status_code == 413
     assert list(limited.slides_dir.iterdir()) == []
 
 
@@ -75,9 +83,22 @@ def test_unreadable_upload_is_refused_and_leaves_nothing(client: TestClient, set
     assert resp.json()["error"] == "InvalidUpload" and resp.json()["detail"]
     empty = client.post("/v1/slides", content=b"", params={"filename": "x.svs"})
     assert empty.status_code == 415
-    form = client.post("/v1/slides", files={"file": ("a.svs", b"abc")})
-    assert form.status_code == 415 and "--data-binary" in form.json()["detail"]
+    junk_form = client.post("/v1/slides", files={"file": ("a.svs", b"abc")})
+    assert junk_form.status_code == 415
+    no_file = client.post("/v1/slides", data={"name": "x"}, files={})
+    assert no_file.status_code in (415, 422)
+    fields_only = client.post("/v1/slides", content=b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n",
+                              headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert fields_only.status_code == 415 and "no file part" in fields_only.json()["detail"]
     assert list(settings.slides_dir.iterdir()) == []
+
+
+def test_form_upload_streams_the_file_part(client: TestClient, settings: Settings, slides_dir: Path) -> None:
+    data = (slides_dir / SLIDE).read_bytes()
+    resp = client.post("/v1/slides", data={"note": "ignored"}, files={"file": (SLIDE, data, "image/tiff")})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["slide_id"] == hashlib.sha256(data).hexdigest() and resp.json()["filename"] == SLIDE
+    assert (settings.slides_dir / resp.json()["slide_id"] / "slide.svs").read_bytes() == data
 
 
 def test_unknown_ids_are_404_json(client: TestClient) -> None:

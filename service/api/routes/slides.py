@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Query, Request, Response
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import SettingsDep, SlideStoreDep
 from service.errors import InvalidUpload, UploadTooLarge
 from service.schemas import ErrorPublic, SlidePublic
 from service.settings import Settings
-from service.store import SlideRecord, SlideStore
+from service.store import SlideRecord, SlideStore, Upload
 
 logger = logging.getLogger(__name__)
 
@@ -22,20 +24,70 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-async def receive_slide(request: Request, store: SlideStore, settings: Settings, filename: str | None) -> SlideRecord:
-    """Stream the request body to disk while hashing it, within the size limit, then validate and store it."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/"):
-        raise InvalidUpload(
-            "send the slide as the raw request body, not as a form: "
-            "curl --data-binary @slide.svs -H 'Content-Type: application/octet-stream' '.../v1/slides?filename=slide.svs'"
-        )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
-        raise UploadTooLarge(
-            f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes} bytes; "
-            "raise PIXELCAM_MAX_UPLOAD_BYTES on the server"
-        )
+class _FormSlide:
+    """A multipart/form-data body fed chunk by chunk: its first file part streams into the slide store."""
+
+    def __init__(self, store: SlideStore, max_bytes: int, boundary: bytes) -> None:
+        self.store = store
+        self.max_bytes = max_bytes
+        self.upload: Upload | None = None
+        self._in_file = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self.parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": self._headers.clear,
+            "on_header_field": lambda d, a, b: self._field.extend(d[a:b]),
+            "on_header_value": lambda d, a, b: self._value.extend(d[a:b]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        })
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).strip().lower()] = bytes(self._value).strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if self.upload is None and b"filename" in params:
+            self.upload = self.store.begin_upload(params[b"filename"].decode(errors="replace"), self.max_bytes)
+            self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file and self.upload is not None:
+            self.upload.write(data[start:end])
+
+    def _part_end(self) -> None:
+        self._in_file = False
+
+
+async def _receive_form(request: Request, store: SlideStore, settings: Settings) -> Upload:
+    """The first file of a form upload (`curl -F file=@slide.svs`), streamed to disk while hashing."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    if not params.get(b"boundary"):
+        raise InvalidUpload("multipart upload without a boundary; let the client build the form (curl -F)")
+    form = _FormSlide(store, settings.max_upload_bytes, params[b"boundary"])
+    received = False
+    try:
+        async for data in request.stream():
+            form.parser.write(data)
+        form.parser.finalize()
+        received = True
+    except FormParserError as err:
+        raise InvalidUpload(f"the form upload is malformed: {err}") from err
+    finally:
+        if not received and form.upload is not None:  # leave nothing behind
+            form.upload.abort()
+    if form.upload is None:
+        raise InvalidUpload("the form has no file part; send the slide as a file: curl -F file=@slide.svs ...")
+    return form.upload
+
+
+async def _receive_body(request: Request, store: SlideStore, settings: Settings, filename: str | None) -> Upload:
+    """The raw request body, streamed to disk while hashing."""
     upload = store.begin_upload(filename, settings.max_upload_bytes)
     received = False
     try:
@@ -46,6 +98,21 @@ async def receive_slide(request: Request, store: SlideStore, settings: Settings,
     finally:
         if not received:  # client gone, limit passed or cancelled: leave nothing behind
             upload.abort()
+    return upload
+
+
+async def receive_slide(request: Request, store: SlideStore, settings: Settings, filename: str | None) -> SlideRecord:
+    """Stream the upload (raw body or form file) to disk while hashing it, within the limit; validate; store."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise UploadTooLarge(
+            f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes} bytes; "
+            "raise PIXELCAM_MAX_UPLOAD_BYTES on the server"
+        )
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        upload = await _receive_form(request, store, settings)
+    else:
+        upload = await _receive_body(request, store, settings, filename)
     return await run_in_threadpool(upload.commit)
 
 
