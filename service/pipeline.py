@@ -27,7 +27,6 @@ from model.runtime import ModelMetadata
 from service._finalize import AnalysisResult, finalize_job
 from service._inference import TilePredictor, infer_in_chunks, run_chunk
 from service._jobfiles import (
-    CHUNKS_DIR,
     TISSUE_FILE,
     ChunkIndex,
     ChunkOutput,
@@ -305,6 +304,35 @@ class Progress:
         return (self.total - self.done) / rate if rate > 0 else None
 
 
+def _infer_plan(
+    slide_path: str | Path,
+    plan: JobPlan,
+    predictor: TilePredictor,
+    work: Path,
+    progress: Callable[[Progress], None] | None,
+) -> None:
+    """Every chunk of the plan through one reader and one predictor, saved into `work`, reporting progress."""
+    t0 = time.perf_counter()
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(Progress(done, len(plan), time.perf_counter() - t0))
+
+    if progress is not None:
+        progress(Progress(0, len(plan), 0.0))
+    if not len(plan):
+        return
+    with (
+        open_slide(slide_path, mpp_override=plan.options.mpp_override) as slide,
+        TileReader(slide, plan.tiles, threads=plan.options.reader_threads) as reader,
+    ):
+        for chunk_id, out_chunk in infer_in_chunks(reader, plan, predictor, tick):
+            save_chunk(work, chunk_id, out_chunk)
+
+
 def analyze_slide(
     slide_path: str | Path,
     predictor: TilePredictor,
@@ -317,30 +345,16 @@ def analyze_slide(
     """Analyse one slide in this process: plan, infer every chunk, finalize; writes the four result files."""
     options = options or AnalysisOptions()
     out = Path(out_dir)
+    created = not out.exists()
     work = out / ".pixelcam-work"
-    if work.exists():
-        shutil.rmtree(work)
-    plan = prepare_job(slide_path, predictor.metadata, options, work)
-    t0 = time.perf_counter()
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(Progress(done, len(plan), time.perf_counter() - t0))
-
-    if progress is not None:
-        progress(Progress(0, len(plan), 0.0))
-    if len(plan):
-        with (
-            open_slide(slide_path, mpp_override=options.mpp_override) as slide,
-            TileReader(slide, plan.tiles, threads=options.reader_threads) as reader,
-        ):
-            for chunk_id, out_chunk in infer_in_chunks(reader, plan, predictor, tick):
-                save_chunk(work, chunk_id, out_chunk)
-    sha = model_sha256 or getattr(predictor, "sha256", None) or "unknown"
-    result = finalize_job(work, plan, predictor.metadata, sha, out_dir=out)
-    shutil.rmtree(work / CHUNKS_DIR, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
+    try:
+        plan = prepare_job(slide_path, predictor.metadata, options, work)
+        _infer_plan(slide_path, plan, predictor, work, progress)
+        sha = model_sha256 or getattr(predictor, "sha256", None) or "unknown"
+        result = finalize_job(work, plan, predictor.metadata, sha, out_dir=out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed analysis leaves no empty folder behind
     return result

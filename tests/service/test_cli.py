@@ -35,10 +35,11 @@ def test_analyze_writes_all_four_files(
 def test_missing_mpp_exits_4_and_names_the_override(
     missing_mpp_slide_path: Path, random_model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    argv = ["analyze", str(missing_mpp_slide_path), "--model", str(random_model_path), "--out", str(tmp_path)]
+    out = tmp_path / "out"
+    argv = ["analyze", str(missing_mpp_slide_path), "--model", str(random_model_path), "--out", str(out)]
     assert cli.main([*argv, "--quiet"]) == cli.EXIT_MPP
     assert "--mpp" in caplog.text
-    assert not (tmp_path / "result.json").exists()
+    assert not out.exists()  # a refused slide leaves nothing behind
 
 
 def test_refused_slide_exits_3_with_the_reason(
@@ -47,6 +48,7 @@ def test_refused_slide_exits_3_with_the_reason(
     argv = ["analyze", str(refused_slide_path), "--model", str(random_model_path), "--out", str(tmp_path)]
     assert cli.main(argv) == cli.EXIT_SLIDE
     assert "fluorescence" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # an existing output folder is kept, without work files
 
 
 def test_refused_model_exits_5(
