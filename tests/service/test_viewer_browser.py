@@ -181,3 +181,59 @@ def test_viewer_draws_slide_and_overlay_in_chromium(server: str, finished_job: t
     sample = overlay_px[changed][:: max(1, int(changed.sum()) // 4000)]
     dist = np.abs(sample[:, None, :] - lut[None, :, :]).sum(axis=2).min(axis=1)
     assert (dist <= 45).mean() > 0.8, "changed pixels do not look like the jet colour map"
+
+
+def _coverage(with_overlay: bytes, slide_only: bytes, box: dict[str, float]) -> float:
+    """Fraction of the view that the overlay changed."""
+    return float((np.abs(_crop(with_overlay, box) - _crop(slide_only, box)).sum(axis=2) > 60).mean())
+
+
+def test_viewer_follows_a_running_job_live(server: str, settings: Settings, slides_dir: Path) -> None:
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    resp = httpx.post(f"{server}/v1/analyze", content=(slides_dir / SLIDE).read_bytes(),
+                      params={"filename": SLIDE}, headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    slide_id, job_id = resp.json()["slide_id"], resp.json()["job_id"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    worker = Worker(settings, name="browser-live")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{server}/viewer/{slide_id}?job={job_id}&cmap=jet&threshold=0&opacity=1")
+            page.wait_for_function("() => window.pixelcam && pixelcam.job && pixelcam.job.state === 'queued'",
+                                   timeout=30_000)
+            for kind in ("plan", "chunk"):  # the worker does the plan and one chunk, then pauses
+                msg = worker.queue.read(worker.name, 200)
+                assert msg is not None and msg.kind == kind
+                worker.handle(msg)
+            # the page hears the progress event and swaps in the partial overlay by itself
+            page.wait_for_function("() => pixelcam.version === 'running-1' && pixelcam.overlayItem"
+                                   " && pixelcamViewer.world.getItemCount() === 2", timeout=30_000)
+            _settle(page)
+            status = page.locator("#job-state").inner_text()
+            partial = page.screenshot(path=str(ARTIFACTS / "viewer_running.png"))
+            page.uncheck("#show-overlay")
+            _settle(page)
+            slide_only = page.screenshot()
+            page.check("#show-overlay")
+            worker.run(burst=True)
+            page.wait_for_function("() => pixelcam.version.startsWith('done') && pixelcam.result"
+                                   " && pixelcam.result.classification && pixelcamViewer.world.getItemCount() === 2",
+                                   timeout=60_000)
+            _settle(page)
+            final = page.screenshot(path=str(ARTIFACTS / "viewer_finished.png"))
+            final_status = page.locator("#job-state").inner_text()
+            errors = page.evaluate("() => pixelcam.errors")
+            box = _osd_box(page)
+        finally:
+            worker.close()
+            browser.close()
+    assert "running" in status and "tiles" in status, status
+    assert final_status.startswith("done"), final_status
+    assert not errors, errors
+    part, full = _coverage(partial, slide_only, box), _coverage(final, slide_only, box)
+    assert part > 0.005, f"the first chunk did not show ({part:.4f} of the view)"
+    assert full > 2 * part, f"the overlay did not fill in ({part:.4f} -> {full:.4f})"
