@@ -136,7 +136,7 @@ class JobQueue:
         with self.r.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
                     current: dict[str, str] = pipe.hgetall(key)  # type: ignore[assignment]
                     if current and current.get("state") not in rerun:
                         pipe.unwatch()
@@ -213,7 +213,7 @@ class JobQueue:
         with self.r.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
                     gen, chunks_total = pipe.hmget(key, ["generation", "chunks_total"])
                     if gen != generation or (chunks_total not in (None, "-1")):
                         pipe.unwatch()
@@ -235,7 +235,7 @@ class JobQueue:
         record = self.r.hmget(self.job_key(job_id), ["chunks_total", "state", "generation"])
         if record[2] != generation or record[1] != C.STATE_RUNNING:
             return False
-        done = int(self.r.scard(self._done_key(job_id, generation)))  # type: ignore[arg-type]
+        done = int(self.r.scard(self._done_key(job_id, generation)))
         if int(record[0] or -1) < 0 or done < int(record[0] or 0):
             return False
         if self.r.set(self._flag_key(job_id, generation), "1", nx=True):
@@ -250,12 +250,12 @@ class JobQueue:
                 self.settings.key(C.JOB_WORKERS_KEY, job_id=msg.job_id, generation=msg.generation)]
         args = [msg.generation, str(msg.chunk_id), str(n_tiles), msg.msg_id, C.GROUP_NAME, msg.job_id,
                 worker or "unknown"]
-        added, finalize = self._complete(keys=keys, args=args)  # type: ignore[misc]
+        added, finalize = self._complete(keys=keys, args=args)
         return bool(added), bool(finalize)
 
     def done_chunks(self, job_id: str, generation: str) -> set[int]:
         """The ids of the chunks finished in this run of the job."""
-        return {int(c) for c in self.r.smembers(self._done_key(job_id, generation))}  # type: ignore[union-attr]
+        return {int(c) for c in self.r.smembers(self._done_key(job_id, generation))}
 
     def workers_of(self, job_id: str, generation: str) -> dict[str, int]:
         """How many chunks of this run of the job each worker finished."""
@@ -265,7 +265,7 @@ class JobQueue:
 
     def record_failure(self, job_id: str, generation: str, chunk_id: int) -> int:
         """Count one failed attempt at a chunk; returns the attempts so far."""
-        return int(self.r.hincrby(self._failures_key(job_id, generation), str(chunk_id), 1))  # type: ignore[arg-type]
+        return int(self.r.hincrby(self._failures_key(job_id, generation), str(chunk_id), 1))
 
     # --- messages ---------------------------------------------------------------------------------------------
     def read(self, consumer: str, block_ms: int) -> Message | None:
@@ -314,7 +314,7 @@ class JobQueue:
     def alive_workers(self) -> int:
         """Workers seen within `WORKER_ALIVE_TTL_S`."""
         key = self.settings.key(C.WORKERS_KEY)
-        return int(self.r.zcount(key, time.time() - C.WORKER_ALIVE_TTL_S, "+inf"))  # type: ignore[arg-type]
+        return int(self.r.zcount(key, time.time() - C.WORKER_ALIVE_TTL_S, "+inf"))
 
     # --- stats for /metrics -----------------------------------------------------------------------------------
     def record_batch(self, n_tiles: int, batch_size: int, latency_s: float) -> None:

@@ -191,7 +191,8 @@ def _info_dict(info: Any) -> dict[str, Any]:
     else:
         is_instance = dataclasses.is_dataclass(info) and not isinstance(info, type)
         raw = dataclasses.asdict(info) if is_instance else dict(vars(info))
-    return json.loads(json.dumps(raw, default=_jsonable))
+    plain: dict[str, Any] = json.loads(json.dumps(raw, default=_jsonable))
+    return plain
 
 
 def _jsonable(value: Any) -> Any:

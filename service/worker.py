@@ -239,14 +239,14 @@ class Worker:
         key = (msg.job_id, msg.generation)
         if key in self._readers:
             self._readers.move_to_end(key)
-            return self._readers[key]  # type: ignore[no-any-return]
+            return self._readers[key]
         slide = self._open_slide(job)
         self._readers[key] = (slide, TileReader(slide, plan.tiles, threads=plan.options.reader_threads))
         while len(self._readers) > _MAX_OPEN_SLIDES:
             _, (old_slide, old_reader) = self._readers.popitem(last=False)
             old_reader.close()
             old_slide.close()
-        return self._readers[key]  # type: ignore[no-any-return]
+        return self._readers[key]
 
     def _check_live(self, msg: Message) -> None:
         state, generation = self.queue.r.hmget(self.queue.job_key(msg.job_id), ["state", "generation"])
