@@ -33,7 +33,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         f"input {res['slides']['small']['input_size']} px)",
         "",
         f"pipeline efficiency {r['pipeline_efficiency']:.3f} ({_verdict('pipeline_efficiency', r['pipeline_efficiency'])})"
-        f"; in CPU-s/tile {r['pipeline_efficiency_cpu']:.3f}",
+        f"; in CPU-s/tile {r['pipeline_efficiency_cpu']:.3f}; share of the analysis wall time inside predict "
+        f"{r.get('in_model_share', float('nan')):.3f}",
         f"  analyze_slide (warm): {_rate(warm)}; phases {warm.get('phases_s', {})}",
         f"  model alone, batch {alone['batch']}: mean {alone['mean_per_s']:.2f} tiles/s "
         f"(before: {_rate(alone['before'])}; after: {_rate(alone['after'])})",
