@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,6 @@ from service.geojson import (
     Region,
     RunTable,
     collect_runs,
-    feature_collection,
     find_regions,
     region_features,
     tile_features,
@@ -136,9 +136,9 @@ def _overlay(plan: JobPlan, out: Path) -> None:
 
 def _geojson(
     plan: JobPlan, regions: list[Region], index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """Annotations for the positive regions, then (optionally) one tile object per analysed tile."""
-    features = region_features(
+    yield from region_features(
         regions,
         hm_downsample=plan.hm_downsample,
         l0_size_wh=tuple(plan.slide_info["l0_size_wh"]),
@@ -150,7 +150,7 @@ def _geojson(
         seed=seed,
     )
     if plan.options.write_detections and len(plan):
-        features += tile_features(
+        yield from tile_features(
             plan.l0_xy,
             plan.tiles.l0_tile_size,
             index.class_probs,
@@ -161,7 +161,6 @@ def _geojson(
             l0_offset_xy=plan.l0_offset_xy,
             seed=seed,
         )
-    return features
 
 
 def finalize_job(
@@ -203,7 +202,7 @@ def finalize_job(
     features = _geojson(plan, regions, index, model_meta, seed, l0_mpp)
     suffix = ".gz" if plan.options.geojson_gzip else ""
     geojson_name = OUTPUT_FILES["geojson"] + suffix
-    write_geojson(out / geojson_name, feature_collection(features, {"frame": _frame(plan), **provenance}))
+    write_geojson(out / geojson_name, features, {"frame": _frame(plan), **provenance})
     t_geojson = time.perf_counter()
     _overlay(plan, out)
     t_overlay = time.perf_counter()

@@ -13,6 +13,7 @@ exact cell edges (see `_outline`), before shapely checks validity and simplifies
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -295,20 +296,45 @@ def tile_features(
     positive_index: int,
     l0_offset_xy: tuple[float, float] = (0.0, 0.0),
     seed: str | None = None,
-) -> list[dict[str, Any]]:
-    """QuPath tile objects (one square per analysed tile) carrying probabilities for measurement maps."""
+) -> Iterator[dict[str, Any]]:
+    """QuPath tile objects (one square per analysed tile) carrying probabilities for measurement maps.
+
+    A generator: `write_geojson` streams them to disk, so a slide with many tiles never holds them all.
+    """
     if class_probs.shape[0] != l0_xy.shape[0] or fg_mean.shape[0] != l0_xy.shape[0]:
         raise GeoJsonError(
             f"{l0_xy.shape[0]} tiles but {class_probs.shape[0]} class rows and {fg_mean.shape[0]} fg means; "
             "pass the outputs of exactly the planned tiles"
         )
-    features = []
-    side = float(l0_tile_size)
+    return _tile_features(
+        l0_xy,
+        float(l0_tile_size),
+        class_probs,
+        fg_mean,
+        class_names,
+        class_colors,
+        positive_index,
+        l0_offset_xy,
+        seed,
+    )
+
+
+def _tile_features(
+    l0_xy: np.ndarray,
+    side: float,
+    class_probs: np.ndarray,
+    fg_mean: np.ndarray,
+    class_names: Sequence[str],
+    class_colors: Sequence[Sequence[int]],
+    positive_index: int,
+    l0_offset_xy: tuple[float, float],
+    seed: str | None,
+) -> Iterator[dict[str, Any]]:
     for i, ((x, y), probs, fg) in enumerate(zip(l0_xy.tolist(), class_probs, fg_mean, strict=True)):
         x0, y0 = x - l0_offset_xy[0], y - l0_offset_xy[1]
         top = int(np.argmax(probs))
         ring = [[x0, y0], [x0, y0 + side], [x0 + side, y0 + side], [x0 + side, y0], [x0, y0]]
-        features.append(
+        yield (
             {
                 "type": "Feature",
                 "id": _feature_id(seed, "tile", i),
@@ -326,7 +352,6 @@ def tile_features(
                 },
             }
         )
-    return features
 
 
 def feature_collection(features: list[dict[str, Any]], metadata: dict[str, Any]) -> dict[str, Any]:
@@ -334,14 +359,26 @@ def feature_collection(features: list[dict[str, Any]], metadata: dict[str, Any])
     return {"type": "FeatureCollection", "features": features, "metadata": metadata}
 
 
-def write_geojson(path: str | os.PathLike[str], collection: dict[str, Any]) -> Path:
-    """Write the collection atomically; a path ending in `.gz` is gzipped (QuPath opens `.geojson.gz`)."""
+def write_geojson(
+    path: str | os.PathLike[str], features: Iterable[dict[str, Any]], metadata: dict[str, Any]
+) -> int:
+    """Stream a FeatureCollection to `path` atomically, one feature at a time; return the feature count.
+
+    A path ending in `.gz` is gzipped (QuPath opens `.geojson.gz`), with a zero timestamp so reruns are
+    byte-identical.
+    """
     out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp")
-    data = json.dumps(collection, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    if out.suffix == ".gz":
-        data = gzip.compress(data, mtime=0)
-    tmp.write_bytes(data)
+    count = 0
+    with open(tmp, "wb") as raw:
+        sink: Any = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if out.suffix == ".gz" else raw
+        with io.TextIOWrapper(sink, encoding="utf-8") as fh:
+            fh.write('{"type":"FeatureCollection","features":[')
+            for feature in features:
+                fh.write("," if count else "")
+                fh.write(json.dumps(feature, ensure_ascii=False, separators=(",", ":")))
+                count += 1
+            fh.write('],"metadata":' + json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) + "}")
     os.replace(tmp, out)
-    logger.info("GeoJSON written: %s (%d features)", out, len(collection["features"]))
-    return out
+    logger.info("GeoJSON written: %s (%d features)", out, count)
+    return count

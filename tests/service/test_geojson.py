@@ -157,16 +157,18 @@ def test_coordinates_have_at_most_two_decimals() -> None:
 def test_tile_features_are_squares_with_probability_measurements() -> None:
     l0_xy = np.array([[0, 0], [448, 0]])
     probs = np.array([[0.9, 0.1], [0.3, 0.7]], np.float32)
-    features = tile_features(
-        l0_xy,
-        448.0,
-        probs,
-        np.array([0.25, 0.5]),
-        class_names=["benign", "malignant"],
-        class_colors=[[0, 255, 0], [255, 0, 0]],
-        positive_index=1,
-        l0_offset_xy=(10.0, 20.0),
-        seed="j",
+    features = list(
+        tile_features(
+            l0_xy,
+            448.0,
+            probs,
+            np.array([0.25, 0.5]),
+            class_names=["benign", "malignant"],
+            class_colors=[[0, 255, 0], [255, 0, 0]],
+            positive_index=1,
+            l0_offset_xy=(10.0, 20.0),
+            seed="j",
+        )
     )
     assert [f["properties"]["objectType"] for f in features] == ["tile", "tile"]
     assert shape(features[1]["geometry"]).bounds == (438.0, -20.0, 886.0, 428.0)
@@ -186,13 +188,16 @@ def test_tile_features_are_squares_with_probability_measurements() -> None:
 
 @pytest.mark.parametrize("name", ["result.geojson", "result.geojson.gz"])
 def test_written_collection_reads_back(tmp_path: Path, name: str) -> None:
-    collection = feature_collection(_features(), {"frame": {"l0_offset_xy": [0, 0]}})
-    path = write_geojson(tmp_path / name, collection)
-    raw = path.read_bytes()
+    metadata = {"frame": {"l0_offset_xy": [0, 0]}}
+    features = _features()
+    assert write_geojson(tmp_path / name, iter(features), metadata) == 2
+    raw = (tmp_path / name).read_bytes()
     data = json.loads(gzip.decompress(raw) if name.endswith(".gz") else raw)
-    assert data["type"] == "FeatureCollection" and len(data["features"]) == 2
-    assert data["metadata"]["frame"] == {"l0_offset_xy": [0, 0]}
+    assert data == json.loads(json.dumps(feature_collection(features, metadata)))
     assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert write_geojson(tmp_path / name, iter([]), metadata) == 0
+    raw = (tmp_path / name).read_bytes()
+    assert json.loads(gzip.decompress(raw) if name.endswith(".gz") else raw)["features"] == []
 
 
 def test_no_positive_cells_give_no_regions() -> None:
