@@ -101,6 +101,7 @@ class JobQueue:
         self.stream = settings.key(C.STREAM_KEY)
         self._complete = client.register_script(_COMPLETE_CHUNK)
         self._transition = client.register_script(_TRANSITION)
+        self._claim_cursor = "0-0"
 
     # --- keys -------------------------------------------------------------------------------------------------
     def job_key(self, job_id: str) -> str:
@@ -270,8 +271,11 @@ class JobQueue:
     # --- messages ---------------------------------------------------------------------------------------------
     def read(self, consumer: str, block_ms: int) -> Message | None:
         """The next message for this consumer: a reclaimed one from a dead worker first, else a new one."""
-        claimed: Any = self.r.xautoclaim(self.stream, C.GROUP_NAME, consumer,
-                                    min_idle_time=int(self.settings.claim_idle_s * 1000), count=1)
+        # XAUTOCLAIM looks at a bounded stretch of the pending list per call: walk it with a cursor so that a
+        # dead worker's message behind many live ones is found too
+        claimed: Any = self.r.xautoclaim(self.stream, C.GROUP_NAME, consumer, start_id=self._claim_cursor,
+                                         min_idle_time=int(self.settings.claim_idle_s * 1000), count=1)
+        self._claim_cursor = str(claimed[0]) if claimed and claimed[0] else "0-0"
         entries = claimed[1] if claimed else []
         if entries:
             msg_id, fields = entries[0]
@@ -314,6 +318,7 @@ class JobQueue:
     def alive_workers(self) -> int:
         """Workers seen within `WORKER_ALIVE_TTL_S`."""
         key = self.settings.key(C.WORKERS_KEY)
+        self.r.zremrangebyscore(key, "-inf", time.time() - 100 * C.WORKER_ALIVE_TTL_S)
         return int(self.r.zcount(key, time.time() - C.WORKER_ALIVE_TTL_S, "+inf"))
 
     # --- stats for /metrics -----------------------------------------------------------------------------------

@@ -126,3 +126,18 @@ def test_messages_of_an_earlier_run_are_recognisable(queue: JobQueue) -> None:
 def test_unknown_job_is_not_found(queue: JobQueue) -> None:
     with pytest.raises(JobNotFound, match="no job"):
         queue.get("0" * 32)
+
+
+def test_a_dead_workers_message_behind_many_live_ones_is_found(queue: JobQueue) -> None:
+    job_id = "7" * 32
+    queue.submit(job_id, FIELDS)
+    _plan(queue, job_id, [range(i, i + 1) for i in range(30)])
+    live = [m for _ in range(25) if (m := queue.read("live", block_ms=10)) is not None]
+    dead = queue.read("dead", block_ms=10)
+    assert dead is not None and len(live) == 25
+    for _ in range(2):  # the live worker keeps its 25 messages fresh while the dead one's goes stale
+        time.sleep(queue.settings.claim_idle_s / 2 + 0.1)
+        for msg in live:
+            queue.touch("live", msg)
+    got = [queue.read("thief", block_ms=10) for _ in range(4)]
+    assert dead.msg_id in [m.msg_id for m in got if m is not None]
