@@ -53,7 +53,9 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         description="Writes result.json, heatmap.tif, overlay.png and result.geojson into --out. "
         "Exit codes: 0 done, 1 unexpected, 2 usage, 3 slide refused, 4 no usable MPP, 5 model refused.",
     )
-    p.add_argument("slide", type=Path, help="the slide file (SVS, NDPI, MRXS, DICOM, TIFF, ...)")
+    p.add_argument(
+        "slide", help="the slide file (SVS, NDPI, MRXS, DICOM, TIFF, ...) or an fsspec URL (s3://...)"
+    )
     p.add_argument(
         "--model", type=Path, help=f"a pixelcam .onnx model (default: the demo {DEFAULT_MODEL_NAME})"
     )
@@ -151,22 +153,29 @@ class _Bar:
             self.enabled = False
 
 
+def _slide_name(slide: str) -> str:
+    """The last path component of a slide path or URL."""
+    return slide.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _run_analysis(args: argparse.Namespace) -> Any:
     """Load the model, analyse the slide, return the AnalysisResult (exceptions say what went wrong)."""
     from model.runtime import Predictor
     from service.pipeline import analyze_slide
 
     options = _options(args)
-    if not args.slide.exists():
+    remote = "://" in args.slide
+    slide: str | Path = args.slide if remote else Path(args.slide)
+    if not remote and not Path(slide).exists():
         raise _UsageError(f"no such slide: {args.slide}")
     if args.threads is not None and args.threads < 1:
         raise _UsageError(f"--threads must be >= 1, got {args.threads}")
     model_path = _model_path(args)
     predictor = Predictor(model_path, threads=args.threads)
-    out = args.out or Path.cwd() / f"{args.slide.name}.pixelcam"
+    out = args.out or Path.cwd() / f"{_slide_name(args.slide)}.pixelcam"
     bar = _Bar(enabled=not args.quiet)
     try:
-        return analyze_slide(args.slide, predictor, out, options, progress=bar)
+        return analyze_slide(slide, predictor, out, options, progress=bar)
     finally:
         bar.close()
 
@@ -201,10 +210,10 @@ def analyze_command(args: argparse.Namespace) -> int:
     doc = result.result
     call, evidence = doc["classification"], doc["evidence"]
     if call["label"] is None:
-        summary = f"{args.slide.name}: {doc['message']}"
+        summary = f"{_slide_name(args.slide)}: {doc['message']}"
     else:
         summary = (
-            f"{args.slide.name}: {call['label']} (p = {call['probability']:.3f}), "
+            f"{_slide_name(args.slide)}: {call['label']} (p = {call['probability']:.3f}), "
             f"{evidence['tiles_analysed']} tiles, positive area {evidence['positive_area_mm2']:.3f} mm2 "
             f"({evidence['positive_fraction_of_tissue']:.1%} of tissue)"
         )

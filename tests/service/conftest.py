@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ def random_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def random_predictor(random_model_path: Path):  # -> model.runtime.Predictor
+def random_predictor(random_model_path: Path) -> Any:  # model.runtime.Predictor
     """One long-lived predictor on the random model (2 threads: the test machines are small)."""
     from model.runtime import Predictor
 
