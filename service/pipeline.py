@@ -66,9 +66,8 @@ PLAN_VERSION = 1
 class AnalysisOptions:
     """Parameters of one analysis; every one is recorded in the result's provenance."""
 
-    mpp_override: float | None = (
-        None  # microns per level-0 pixel when the slide's own value is missing or wrong
-    )
+    # microns per level-0 pixel, when the slide's own value is missing or wrong
+    mpp_override: float | None = None
     min_tissue: float = 0.1  # keep tiles with at least this tissue fraction
     overlap: float = 0.0  # fraction of a tile shared with its neighbour, in [0, 1)
     batch_size: int = 16
