@@ -73,6 +73,7 @@ class JobPublic(BaseModel):
     finished_at: float | None
     error: str | None = Field(description="why the job failed")
     workers: dict[str, int] = Field(default_factory=dict, description="chunks finished by each worker")
+    timings_s: dict[str, float] = Field(default_factory=dict, description="seconds per finished stage: plan, stitch")
     mpp: float | None
     options: dict[str, Any]
     links: dict[str, str] = Field(default_factory=dict)

@@ -102,6 +102,7 @@ def test_round_trip_results_events_and_idempotent_resubmission(client: TestClien
     assert done["state"] == C.STATE_DONE, done
     assert done["tiles_done"] == done["tiles_total"] > 0 and done["progress"] == 1.0
     assert sum(done["workers"].values()) == done["chunks_total"]
+    assert set(done["timings_s"]) == {"plan", "stitch"} and all(v > 0 for v in done["timings_s"].values())
     model = client.get("/v1/models/random").json()
     result = client.get(f"/v1/jobs/{job['job_id']}/result").json()
     assert result["classification"]["label"] in {"benign", "malignant"}

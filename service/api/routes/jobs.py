@@ -66,6 +66,7 @@ def job_public(record: dict[str, str], workers: dict[str, int] | None = None) ->
         started_at=started, finished_at=finished, error=record.get("error") or None,
         mpp=_float(record.get("mpp")), options=json.loads(record.get("options") or "{}"), links=links,
         workers=workers or {},
+        timings_s={stage: float(record[f"{stage}_s"]) for stage in ("plan", "stitch") if record.get(f"{stage}_s")},
     )
 
 
