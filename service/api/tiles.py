@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -194,6 +194,8 @@ class _TileState:
     tiles: TileCache  # encoded overlay tiles
     heatmaps: TileCache  # decoded heatmap sources of jobs, keyed by job version
     slide_paths: TileCache  # slide id -> path (store lookups read info.json)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loading: dict[tuple[str, ...], threading.Lock] = field(default_factory=dict)  # one load per job version
 
 
 _STATE_LOCK = threading.Lock()
@@ -388,12 +390,8 @@ def overlay_tile(job_id: str, level: LevelParam, col: ColParam, row: RowParam, r
         cached = state.tiles.get(key)
         if cached is not None:
             return cached  # type: ignore[no-any-return]
-        source = state.heatmaps.get((job_id, *version))
-        if source is None:
-            source = _load_heatmap(folder, record)
-            size = 1 << 20 if source is None else _source_bytes(source)
-            state.heatmaps.put((job_id, *version), source or _EMPTY, size)
-        if source is _EMPTY or source is None:
+        source = _heatmap_for(state, (job_id, *version), folder, record)
+        if source is _EMPTY:
             data = _blank_png(geometry, level, col, row)
         else:
             try:
@@ -409,6 +407,24 @@ def overlay_tile(job_id: str, level: LevelParam, col: ColParam, row: RowParam, r
 
 
 _EMPTY = object()
+
+
+def _heatmap_for(state: _TileState, key: tuple[str, ...], folder: Path, record: dict[str, str]) -> Any:
+    """The job version's heatmap source (or `_EMPTY`), loaded once even when many tiles ask at the same time."""
+    source = state.heatmaps.get(key)
+    if source is not None:
+        return source
+    with state.lock:
+        lock = state.loading.setdefault(key, threading.Lock())
+    with lock:  # a running job's partial heatmap is stitched from all its chunk files: do it once per version
+        source = state.heatmaps.get(key)
+        if source is None:
+            loaded = _load_heatmap(folder, record)
+            source = _EMPTY if loaded is None else loaded
+            state.heatmaps.put(key, source, 1 << 16 if loaded is None else _source_bytes(loaded))
+    with state.lock:
+        state.loading.pop(key, None)
+    return source
 
 
 def _source_bytes(source: HeatmapSource) -> int:

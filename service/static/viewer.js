@@ -12,7 +12,7 @@ const state = {
   cmap: COLORMAPS.includes(query.get("cmap")) ? query.get("cmap") : "jet",
   threshold: clamp01(parseFloat(query.get("threshold") ?? "0.5"), 0.5),
   opacity: clamp01(parseFloat(query.get("opacity") ?? "0.5"), 0.5),
-  version: "0", slideItem: null, overlayItem: null, outlines: [], showOutlines: true, showOverlay: true,
+  version: "0", overlayVersion: null, slideItem: null, overlayItem: null, outlines: [], showOutlines: true, showOverlay: true,
   tilesLoaded: { slide: 0, overlay: 0 }, errors: [],
 };
 window.pixelcam = state; // inspected by the browser test and handy in the console
@@ -63,6 +63,7 @@ let overlayRequest = 0;
 function setOverlay() {
   if (!state.slideItem) return;
   const request = ++overlayRequest;
+  const version = state.version;
   viewer.addTiledImage({
     tileSource: overlayUrl(),
     opacity: state.showOverlay ? state.opacity : 0,
@@ -73,9 +74,22 @@ function setOverlay() {
         if (item !== event.item && item !== state.slideItem) viewer.world.removeItem(item);
       }
       state.overlayItem = event.item;
+      state.overlayVersion = version;
     },
     error: (event) => state.errors.push(`overlay: ${event.message}`),
   });
+}
+
+// A running job lands chunks quickly: swap the overlay at most every few seconds (each swap refetches the
+// visible tiles), at once when the job is done.
+const OVERLAY_REFRESH_MS = 3000;
+let overlayTimer = null;
+let lastOverlayAt = 0;
+
+function refreshOverlay(now) {
+  clearTimeout(overlayTimer);
+  const wait = now ? 0 : Math.max(0, OVERLAY_REFRESH_MS - (Date.now() - lastOverlayAt));
+  overlayTimer = setTimeout(() => { lastOverlayAt = Date.now(); setOverlay(); }, wait);
 }
 
 function wireControls() {
@@ -203,7 +217,7 @@ function showJob(job) {
   const version = `${job.state}-${job.chunks_done}`;
   if (version !== state.version && (job.chunks_done > 0 || job.state === "done")) {
     state.version = version;
-    setOverlay();
+    refreshOverlay(job.state === "done");
   }
   if (job.state === "done" && !state.result) loadResult();
 }

@@ -205,3 +205,32 @@ def test_viewer_pages_and_assets(client: TestClient, slide_id: str) -> None:
     for sneaky in ("/static/viewer/..%2F..%2Fsettings.py", "/static/viewer/../api/app.py",
                    "/static/openseadragon/..%2F..%2F..%2Fpackage.json"):
         assert client.get(sneaky).status_code == 404, sneaky
+
+
+def test_a_job_version_heatmap_is_loaded_once_under_concurrent_tiles(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.api import tiles
+    from service.deepzoom import ArrayHeatmap
+
+    calls = []
+    real = ArrayHeatmap(np.zeros((4, 4), np.float32), 16.0)
+
+    def slow_load(folder: Path, record: dict[str, str]) -> ArrayHeatmap:
+        calls.append(threading.get_ident())
+        time.sleep(0.2)  # a partial heatmap is stitched from every chunk file: slow on a big slide
+        return real
+
+    monkeypatch.setattr(tiles, "_load_heatmap", slow_load)
+    state = tiles._TileState(tiles.SlidePool(), tiles.TileCache(1 << 20), tiles.TileCache(1 << 20),
+                             tiles.TileCache(1 << 20), tiles.TileCache(1 << 20))
+    key = ("job", "1", "running", "3")
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: tiles._heatmap_for(state, key, tmp_path, {}), range(8)))
+    assert len(calls) == 1 and all(g is real for g in got)
+    tiles._heatmap_for(state, ("job", "1", "running", "4"), tmp_path, {})
+    assert len(calls) == 2, "a new chunk makes a new version"
+    assert state.loading == {}

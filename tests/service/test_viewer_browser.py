@@ -129,7 +129,8 @@ def test_viewer_draws_slide_and_overlay_in_chromium(server: str, finished_job: t
             page.goto(f"{server}/viewer/{slide_id}?job={job_id}&cmap=jet&threshold=0&opacity=1")
             page.wait_for_function(
                 "() => window.pixelcam && pixelcam.tilesLoaded.slide > 0 && pixelcam.tilesLoaded.overlay > 0"
-                " && pixelcam.result && pixelcam.result.classification && pixelcam.version.startsWith('done')"
+                " && pixelcam.result && pixelcam.result.classification && pixelcam.overlayVersion"
+                " && pixelcam.overlayVersion.startsWith('done')"
                 " && pixelcamViewer.world.getItemCount() === 2", timeout=60_000)
             _settle(page)
             with_overlay = page.screenshot(path=str(ARTIFACTS / "viewer_overlay.png"), full_page=False)
@@ -210,7 +211,7 @@ def test_viewer_follows_a_running_job_live(server: str, settings: Settings, slid
                 assert msg is not None and msg.kind == kind
                 worker.handle(msg)
             # the page hears the progress event and swaps in the partial overlay by itself
-            page.wait_for_function("() => pixelcam.version === 'running-1' && pixelcam.overlayItem"
+            page.wait_for_function("() => pixelcam.overlayVersion === 'running-1'"
                                    " && pixelcamViewer.world.getItemCount() === 2", timeout=30_000)
             _settle(page)
             status = page.locator("#job-state").inner_text()
@@ -220,7 +221,7 @@ def test_viewer_follows_a_running_job_live(server: str, settings: Settings, slid
             slide_only = page.screenshot()
             page.check("#show-overlay")
             worker.run(burst=True)
-            page.wait_for_function("() => pixelcam.version.startsWith('done') && pixelcam.result"
+            page.wait_for_function("() => (pixelcam.overlayVersion || '').startsWith('done') && pixelcam.result"
                                    " && pixelcam.result.classification && pixelcamViewer.world.getItemCount() === 2",
                                    timeout=60_000)
             _settle(page)
