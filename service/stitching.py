@@ -311,7 +311,7 @@ def write_heatmap_tiff(
     sizes: list[tuple[int, int]] = []
     with (
         tempfile.TemporaryDirectory(dir=out.parent, prefix=".heatmap-") as tmp,
-        tifffile.TiffWriter(out) as tif,
+        tifffile.TiffWriter(Path(tmp) / out.name) as tif,
     ):
         blocks: Iterable[np.ndarray] = _rebanded(bands, tile)
         level = 0
@@ -338,6 +338,8 @@ def write_heatmap_tiff(
             size_wh = (math.ceil(size_wh[0] / 2), math.ceil(size_wh[1] / 2))
             blocks = _spilled_blocks(spill_path, size_wh, tile)
             level += 1
+        tif.close()
+        os.replace(Path(tmp) / out.name, out)  # readers never see a half-written heatmap
     logger.info("heatmap %s written: %d levels, level 0 %dx%d cells", out, len(sizes), *sizes[0])
     return sizes
 
@@ -376,8 +378,16 @@ def render_overlay(
 
 
 def write_overlay_png(path: str | os.PathLike[str], overlay_rgb: np.ndarray) -> None:
-    """Write an RGB overlay as PNG."""
-    if not cv2.imwrite(str(path), overlay_rgb[:, :, ::-1]):
+    """Write an RGB overlay as PNG (atomically: encoded in memory, then renamed into place)."""
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(overlay_rgb[:, :, ::-1]))
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if not ok:
+            raise OSError("PNG encoding failed")
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, out)
+    except OSError as err:
         raise StitchError(
-            f"could not write the overlay PNG to {path}; check the folder exists and is writable"
-        )
+            f"could not write the overlay PNG to {path} ({err}); check the folder exists and is writable"
+        ) from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -24,6 +25,7 @@ from service.stitching import (
     stitch_bands,
     tile_footprints,
     write_heatmap_tiff,
+    write_overlay_png,
 )
 
 
@@ -208,3 +210,13 @@ def test_default_bands_stay_within_the_cell_budget_however_wide_the_slide(l0_wid
     assert sum(b.prob.shape[0] for b in bands) == hm_h
     assert all(b.prob.size <= max(BAND_CELLS, 8 * hm_w) for b in bands)
     assert sum(int(b.covered.sum()) for b in bands) == 2 * 64
+
+
+def test_overlay_png_round_trips_and_a_bad_folder_is_explained(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    write_overlay_png(tmp_path / "overlay.png", rgb)
+    back = cv2.imread(str(tmp_path / "overlay.png"))[:, :, ::-1]
+    np.testing.assert_array_equal(back, rgb)
+    assert [p.name for p in tmp_path.iterdir()] == ["overlay.png"]
+    with pytest.raises(StitchError, match="writable"):
+        write_overlay_png(tmp_path / "missing" / "overlay.png", rgb)
