@@ -45,6 +45,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         f"naive ratio {r['naive_ratio']:.2f}x ({_verdict('naive_ratio', r['naive_ratio'])}); in CPU-s/tile "
         f"{r['naive_ratio_cpu']:.2f}x",
         f"  naive loop (OpenSlide + torch eager, batch 1): {_rate(res['naive'])}",
+        f"  naive loop with 1 torch thread: {_rate(res['naive_1_thread'])}; CPU-s/tile ratio "
+        f"{r['naive_1_thread_ratio_cpu']:.2f}x",
     ]
     if "rss" in res:
         rs = res["rss"]

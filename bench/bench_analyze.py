@@ -23,12 +23,8 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import cv2
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -41,6 +37,16 @@ from _common import (  # noqa: E402
     peak_rss_mib,
     ru_maxrss_mib,
     run_child,
+)
+from _measure import (  # noqa: E402
+    NoopPredictor,
+    measure_analysis,
+    measure_model_alone,
+    measure_naive,
+    measure_openslide_reading,
+    measure_pipeline_reading,
+    plan_for,
+    predecoded_tiles,
 )
 from _summary import GOALS, print_summary  # noqa: E402
 from make_slide import SlideSpec, write_slide  # noqa: E402
@@ -102,154 +108,6 @@ def _random_model(seed: int) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     cfg = ModelConfig(encoder_name="resnet18", encoder_width=0.5, output_stride=8, input_mpp=1.0)
     return build_model(cfg).eval(), cfg
-
-
-class NoopPredictor:
-    """Stands in for ``model.runtime.Predictor``: same interface, returns zeros without computing."""
-
-    def __init__(self, real: Any) -> None:
-        self.metadata, self.sha256 = real.metadata, real.sha256
-        self.input_size, self.fm_size = real.input_size, real.fm_size
-        self.calls = 0
-
-    def predict(self, tiles: np.ndarray) -> Any:
-        """Zeros of the right shapes; the tiles were read, decoded and resized to get here."""
-        from model.runtime import Prediction
-
-        self.calls += 1
-        n = len(tiles)
-        n_classes = self.metadata.num_classes
-        return Prediction(
-            class_probs=np.zeros((n, n_classes), np.float32),
-            fg_prob=np.zeros((n, self.fm_size, self.fm_size), np.float32),
-        )
-
-
-def plan_for(slide_path: Path, predictor: Any, job_dir: Path) -> Any:
-    """The pipeline's own tile plan for the slide (same tissue detection and grid as the analysis)."""
-    from service.pipeline import AnalysisOptions, prepare_job
-
-    return prepare_job(slide_path, predictor.metadata, AnalysisOptions(), job_dir)
-
-
-def measure_model_alone(predictor: Any, tiles: np.ndarray, n_tiles: int, batch: int) -> dict[str, Any]:
-    """The ONNX model alone on pre-decoded uint8 batches: ``n_tiles`` tiles in batches of ``batch``."""
-    batches = [tiles[i : i + batch] for i in range(0, len(tiles) - batch + 1, batch)]
-    predictor.predict(batches[0])  # warm-up: allocations and kernel selection
-    done = 0
-    with clocked() as clock:
-        while done < n_tiles:
-            predictor.predict(batches[(done // batch) % len(batches)])
-            done += batch
-    return clock.rate(done)
-
-
-def measure_analysis(slide_path: Path, predictor: Any, out_dir: Path, n_tiles: int) -> dict[str, Any]:
-    """``analyze_slide`` end to end (open, tissue, plan, read, infer, stitch, write outputs)."""
-    from service.pipeline import AnalysisOptions, analyze_slide
-
-    with clocked() as clock:
-        result = analyze_slide(slide_path, predictor, out_dir, AnalysisOptions())
-    return {**clock.rate(n_tiles), "phases_s": result.result.get("timings_s", {})}
-
-
-def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -> dict[str, Any]:
-    """The pipeline's read + decode + resize path over every planned tile, chunk by chunk, model a no-op."""
-    from service.pipeline import run_chunk
-    from service.slides import open_slide
-
-    with open_slide(slide_path) as slide:
-        run_chunk(slide, plan, range(min(32, len(plan))), noop)  # warm-up: imports, page cache of the head
-    done = 0
-    with clocked() as clock, open_slide(slide_path) as slide:
-        for chunk in plan.chunks():
-            done += len(run_chunk(slide, plan, chunk, noop).class_probs)
-    if done != len(plan):
-        raise BenchError(f"run_chunk returned {done} outputs for {len(plan)} tiles")
-    return clock.rate(done)
-
-
-def _openslide_tile(osl: Any, l0_xy: np.ndarray, level: int, lvl_side: int, in_side: int) -> np.ndarray:
-    """What a user writes with OpenSlide: read_region, drop alpha, resize to the model input."""
-    rgb = np.asarray(
-        osl.read_region((int(l0_xy[0]), int(l0_xy[1])), level, (lvl_side, lvl_side)).convert("RGB")
-    )
-    if lvl_side != in_side:
-        rgb = cv2.resize(rgb, (in_side, in_side), interpolation=cv2.INTER_AREA)
-    return rgb
-
-
-def measure_openslide_reading(slide_path: Path, plan: Any, in_side: int, threads: int) -> dict[str, Any]:
-    """OpenSlide ``read_region`` on the same tiles, ``threads`` threads sharing one handle (it is thread-safe)."""
-    import openslide
-
-    lvl_side, level = int(plan.tiles.lvl_tile_size), int(plan.tiles.level)
-    with openslide.OpenSlide(str(slide_path)) as warm:  # warm-up on its own handle: OpenSlide caches tiles
-        for i in range(min(32, len(plan))):
-            _openslide_tile(warm, plan.l0_xy[i], level, lvl_side, in_side)
-    with openslide.OpenSlide(str(slide_path)) as osl:
-
-        def read(i: int) -> int:
-            return int(_openslide_tile(osl, plan.l0_xy[i], level, lvl_side, in_side)[0, 0, 0])
-
-        with clocked() as clock, ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(read, range(len(plan)), chunksize=16))
-    return clock.rate(len(plan))
-
-
-def measure_naive(
-    slide_path: Path, plan: Any, torch_model: Any, n_tiles: int, threads: int
-) -> dict[str, Any]:
-    """The naive loop: OpenSlide read_region + torch eager, batch 1, one tile after the other."""
-    import openslide
-    import torch
-
-    from model.export import OnnxWrapper
-
-    torch.set_num_threads(threads)
-    wrapper = OnnxWrapper(torch_model, torch_model.config).eval()
-    in_side = torch_model.config.input_size
-    picks = np.linspace(0, len(plan.l0_xy) - 1, num=min(n_tiles, len(plan.l0_xy))).astype(int)
-    osl = openslide.OpenSlide(str(slide_path))
-    try:
-        with torch.no_grad():
-            for i in picks[:2]:  # warm-up
-                wrapper(
-                    torch.from_numpy(
-                        _openslide_tile(
-                            osl, plan.l0_xy[i], plan.tiles.level, plan.tiles.lvl_tile_size, in_side
-                        )
-                    )[None]
-                )
-            with clocked() as clock:
-                for i in picks:
-                    tile = _openslide_tile(
-                        osl, plan.l0_xy[i], plan.tiles.level, int(plan.tiles.lvl_tile_size), in_side
-                    )
-                    probs, fg = wrapper(torch.from_numpy(tile)[None])
-                    probs.numpy(), fg.numpy()
-    finally:
-        osl.close()
-    return clock.rate(len(picks))
-
-
-def predecoded_tiles(slide_path: Path, plan: Any, in_side: int, n: int) -> np.ndarray:
-    """Up to ``n`` planned tiles read and resized once, as the model-alone measurement's input (N, S, S, 3)."""
-    from service.slides import open_slide
-
-    slide = open_slide(slide_path)
-    try:
-        side = int(plan.tiles.lvl_tile_size)
-        picks = np.linspace(0, len(plan.l0_xy) - 1, num=min(n, len(plan.l0_xy))).astype(int)
-        tiles = []
-        for i in picks:
-            rgb = slide.read_region(
-                (int(plan.l0_xy[i][0]), int(plan.l0_xy[i][1])), plan.tiles.level, (side, side)
-            )
-            tiles.append(cv2.resize(rgb, (in_side, in_side), interpolation=cv2.INTER_AREA))
-    finally:
-        slide.close()
-    return np.stack(tiles)
 
 
 def child_analyze(slide: Path, model: Path, threads: int, out_dir: Path) -> int:
@@ -346,6 +204,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     naive = measure_naive(small, plan, torch_model, args.naive_tiles, threads)
     results["naive"] = {**naive, "torch_threads": threads}
+    # Per core: torch's OpenMP threads at batch 1 scale badly on a busy machine; one thread shows the cost
+    # without that effect, so the ratio's two causes (runtime, threading) can be told apart.
+    results["naive_1_thread"] = measure_naive(small, plan, torch_model, max(8, args.naive_tiles // 2), 1)
     if not args.skip_rss:
         results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
     results["ratios"] = {
@@ -356,6 +217,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "reading_ratio_cpu": _ratio(osl_read["cpu_s_per_item"], pipe_read["cpu_s_per_item"]),
         "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
         "naive_ratio_cpu": _ratio(naive["cpu_s_per_item"], warm["cpu_s_per_item"]),
+        "naive_1_thread_ratio_cpu": _ratio(
+            results["naive_1_thread"]["cpu_s_per_item"], warm["cpu_s_per_item"]
+        ),
     }
     if "rss" in results:
         results["ratios"]["rss_ratio_4x"] = results["rss"]["ratio"]
