@@ -172,6 +172,7 @@ def test_health_readiness_metrics_and_openapi(client: TestClient) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["redis"] == "ok"
+    assert ready.json()["checks"]["workers"] == "0 alive"
     text = client.get("/metrics").text
     for name in ("pixelcam_jobs{state=\"queued\"}", "pixelcam_queue_depth{status=\"waiting\"}",
                  "pixelcam_tiles_per_second", "pixelcam_batch_fill", "pixelcam_inference_latency_seconds_bucket"):

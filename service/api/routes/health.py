@@ -41,6 +41,8 @@ def readyz(queue: QueueDep, models: ModelsDep, settings: SettingsDep) -> JSONRes
     except ServiceError as err:
         checks["model"] = str(err)
     ready = all(v.startswith("ok") for v in checks.values())
+    if checks["redis"] == "ok":  # informational: with no worker alive jobs are accepted and wait in the queue
+        checks["workers"] = f"{queue.alive_workers()} alive"
     body = HealthPublic(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
