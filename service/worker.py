@@ -88,23 +88,17 @@ class Worker:
             while not self.stop_event.is_set():
                 try:
                     msg = self.queue.read(self.name, self.settings.block_ms)
+                    if msg is None:
+                        self.queue.r.zadd(self.settings.key(C.WORKERS_KEY), {self.name: time.time()})
+                        if burst:
+                            break
+                        continue
+                    self.handle(msg)
+                    self.processed += 1
                 except redis.ConnectionError as err:
+                    # a message being handled stays pending and is reclaimed once Redis is back
                     logger.warning("worker %s: redis unreachable (%s); retrying", self.name, err)
                     self.stop_event.wait(1.0)
-                    continue
-                if msg is None:
-                    self.queue.r.zadd(self.settings.key(C.WORKERS_KEY), {self.name: time.time()})
-                    if burst:
-                        break
-                    continue
-                try:
-                    self.handle(msg)
-                except redis.ConnectionError as err:
-                    # the message stays pending and is reclaimed once Redis is back
-                    logger.warning("worker %s: redis lost during %s of job %s (%s)", self.name, msg.kind,
-                                   msg.job_id, err)
-                    self.stop_event.wait(1.0)
-                self.processed += 1
         finally:
             self.close()
         return self.processed
@@ -162,11 +156,11 @@ class Worker:
 
     def _retry_later(self, msg: Message, err: Exception) -> None:
         attempts = self.queue.record_failure(msg.job_id, msg.generation, msg.chunk_id)
-        logger.exception("job %s: %s %s failed (attempt %d of %d)", msg.job_id, msg.kind, msg.chunk_id,
-                         attempts, self.settings.max_attempts)
+        what = f"chunk {msg.chunk_id}" if msg.kind == C.MSG_CHUNK else msg.kind
+        logger.exception("job %s: %s failed (attempt %d of %d)", msg.job_id, what, attempts,
+                         self.settings.max_attempts)
         if attempts >= self.settings.max_attempts:
-            self._fail(msg, f"{msg.kind} {msg.chunk_id} failed {attempts} times; last error: "
-                            f"{type(err).__name__}: {err}")
+            self._fail(msg, f"{what} failed {attempts} times; last error: {type(err).__name__}: {err}")
         # else: left unacknowledged; any worker reclaims it after claim_idle_s (a natural backoff)
 
     @contextmanager
