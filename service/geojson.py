@@ -160,17 +160,28 @@ def _outline(row: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> BaseGeometry:
     for r, a, b in zip((row - r0).tolist(), (x0 - c0).tolist(), (x1 - c0).tolist(), strict=True):
         canvas[1 + 2 * r : 3 + 2 * r, 1 + 2 * a : 1 + 2 * b] = 1
     contours, hierarchy = cv2.findContours(canvas, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    rings = [c.reshape(-1, 2) // 2 + (c0, r0) for c in contours]
-    shells = []
-    for i, ring in enumerate(rings):
-        if hierarchy[0][i][3] < 0:
-            holes = [rings[j] for j in range(len(rings)) if hierarchy[0][j][3] == i]
-            shells.append(shapely.Polygon(ring, holes))
-    geom = shells[0] if len(shells) == 1 else shapely.MultiPolygon(shells)
+    rings = [_corners(c.reshape(-1, 2) // 2 + (c0, r0)) for c in contours]
+    holes: dict[int, list[np.ndarray]] = {}
+    for i, parent in enumerate(hierarchy[0][:, 3].tolist()):
+        if parent >= 0:
+            holes.setdefault(parent, []).append(rings[i])
+    shells = [
+        shapely.Polygon(rings[i], holes.get(i, [])) for i in range(len(rings)) if hierarchy[0][i][3] < 0
+    ]
+    geom: BaseGeometry = shells[0] if len(shells) == 1 else shapely.MultiPolygon(shells)
     if not geom.is_valid:  # a shape touching itself at a corner
         geom = shapely.make_valid(geom, method="structure")
-    # tolerance 0 only drops the repeated and collinear vertices left by the mapping
-    return shapely.simplify(geom, 0.0)
+    return geom
+
+
+def _corners(ring: np.ndarray) -> np.ndarray:
+    """A closed ring's vertices without repeats and without points in the middle of a straight edge."""
+    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
+    before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    straight = (cross == 0) & ((before * after).sum(axis=1) > 0)  # a reversal (spike tip) is kept
+    corners: np.ndarray = ring[~straight]
+    return corners
 
 
 def find_regions(runs: RunTable, *, min_cells: int = 1) -> list[Region]:
@@ -213,11 +224,14 @@ def _round_coords(coords: np.ndarray) -> np.ndarray:
 def _geometry(geom: BaseGeometry) -> dict[str, Any]:
     """A GeoJSON geometry dict with exterior rings counter-clockwise (RFC 7946), coordinates to 2 decimals.
 
-    The precision grid keeps the rounded geometry valid; the final rounding only removes binary noise such as
-    12.340000000000002, so coordinates print as QuPath writes them.
+    Vertices lie on cell edges (or the slide's edge), far apart compared with 0.01 px, so rounding keeps the
+    geometry valid; should it not, a precision grid snaps it validly first.
     """
-    geom = shapely.orient_polygons(shapely.set_precision(geom, 10.0**-COORD_DECIMALS))
-    data = mapping(shapely.transform(geom, _round_coords))
+    rounded = shapely.transform(shapely.orient_polygons(geom), _round_coords)
+    if not rounded.is_valid:
+        snapped = shapely.set_precision(geom, 10.0**-COORD_DECIMALS)
+        rounded = shapely.transform(shapely.orient_polygons(snapped), _round_coords)
+    data = mapping(rounded)
     return {"type": data["type"], "coordinates": data["coordinates"]}
 
 
