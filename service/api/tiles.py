@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 
@@ -164,6 +165,7 @@ class TileCache:
         self.misses = 0
 
     def get(self, key: tuple[Any, ...]) -> Any | None:
+        """The cached value, or None."""
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -174,6 +176,7 @@ class TileCache:
             return item[0]
 
     def put(self, key: tuple[Any, ...], value: Any, size_bytes: int) -> None:
+        """Cache a value, dropping the least recently used ones beyond the byte budget."""
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -189,6 +192,8 @@ class TileCache:
 
 @dataclass
 class _TileState:
+    """What the tile routes keep between requests: open slides and the byte-bounded caches."""
+
     slides: SlidePool
     slide_tiles: TileCache  # encoded slide tiles (zoomed-out tiles of single-level slides are costly to render)
     tiles: TileCache  # encoded overlay tiles
@@ -227,6 +232,7 @@ def _slide_path(state: _TileState, store: SlideStore, slide_id: str) -> Path:
 
 
 def _etag(*parts: object) -> str:
+    """A strong ETag naming exactly what a response depends on."""
     return '"' + hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32] + '"'
 
 
@@ -297,6 +303,7 @@ def slide_tile(slide_id: str, level: LevelParam, col: ColParam, row: RowParam, f
 
 
 def _mpp(info: SlideInfo, mpp_known: bool) -> tuple[float | None, float | None]:
+    """Microns per pixel, or None when the file has none (the slide was opened with a placeholder)."""
     return (info.mpp_x, info.mpp_y) if mpp_known else (None, None)
 
 
@@ -348,6 +355,7 @@ def _load_heatmap(folder: Path, record: dict[str, str]) -> HeatmapSource | None:
 
 def _overlay_context(job_id: str, queue: QueueDep, settings: Settings, store: SlideStore,
                      state: _TileState) -> tuple[dict[str, str], Path, DeepZoomGeometry]:
+    """The job's record, its folder and its slide's DZI geometry (JobNotFound / SlideNotFound as 404)."""
     record = queue.get(job_id)
     folder = job_dir(settings.jobs_dir, job_id)
     info, _ = state.slides.info(_slide_path(state, store, record["slide_id"]))
@@ -359,6 +367,7 @@ ThresholdQuery = Annotated[float, Query(ge=0.0, le=1.0, description="probabiliti
 
 
 def _check_cmap(cmap: str) -> None:
+    """422 for a colour map the renderer does not have."""
     if cmap not in COLORMAPS:
         raise InvalidRequest(f"unknown colour map {cmap!r}; choose one of {', '.join(COLORMAPS)}")
 
@@ -435,7 +444,5 @@ def _source_bytes(source: HeatmapSource) -> int:
 
 def _blank_png(geometry: DeepZoomGeometry, level: int, col: int, row: int) -> bytes:
     """A fully transparent tile of the right size (nothing analysed yet)."""
-    import numpy as np
-
     w, h = geometry.tile_region(level, col, row).dz_size_wh
     return encode_tile(np.zeros((h, w, 4), np.uint8), "png")

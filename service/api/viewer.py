@@ -46,6 +46,7 @@ def _file_under(root: Path, relative: str) -> Path:
 
 
 def _asset(root: Path, relative: str, cache_control: str) -> FileResponse:
+    """A file under `root` with its media type and caching header."""
     path = _file_under(root, relative)
     return FileResponse(path, media_type=_MEDIA.get(path.suffix, "application/octet-stream"),
                         headers={"Cache-Control": cache_control})
