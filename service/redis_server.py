@@ -22,12 +22,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class PrivateRedis:
-    """A Valkey server owned by this process: started on a free local port, stopped on exit."""
+    """A Valkey server owned by this process: started on a free local port (kept across restarts), stopped on exit."""
 
-    def __init__(self, data_dir: Path, *, persist: bool = True, host: str = "127.0.0.1") -> None:
+    def __init__(self, data_dir: Path, *, persist: bool = True, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.persist = persist
         self.host = host
+        self.port = port
         self._server: object | None = None
         self.url = ""
 
@@ -44,8 +45,9 @@ class PrivateRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # AOF on: the job states survive a restart of `pixelcam serve`; without persistence: a throwaway server.
         config = {"appendonly": "yes", "appendfsync": "everysec"} if self.persist else {}
-        server = ValkeyServer(port=free_port(self.host), host=self.host, data_dir=self.data_dir, config=config,
-                              persist=True)
+        # a restart keeps its port, so that clients reconnect to the same URL
+        self.port = self.port or free_port(self.host)
+        server = ValkeyServer(port=self.port, host=self.host, data_dir=self.data_dir, config=config, persist=True)
         try:
             server.start(timeout=timeout_s)
         except (ValkeyServerError, OSError) as err:

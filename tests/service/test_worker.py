@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from service import constants as C
 from service.api import create_app
 from service.queue import JobQueue, connect
+from service.redis_server import PrivateRedis
 from service.settings import Settings
 from service.worker import Worker
 from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
@@ -254,3 +255,24 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(client: TestClie
     failed = job_state(client, job["job_id"])
     assert failed["state"] == C.STATE_FAILED
     assert f"failed {settings.max_attempts} times" in failed["error"] and "FileExistsError" in failed["error"]
+
+
+def test_jobs_survive_a_redis_restart(tmp_path: Path, shell_models_dir: Path, slides_dir: Path,
+                                      spawn: Callable[[Settings], subprocess.Popen[bytes]]) -> None:
+    server = PrivateRedis(tmp_path / "redis-aof", persist=True)  # AOF on, as in compose
+    url = server.start()
+    try:
+        settings = make_settings(tmp_path, url, shell_models_dir)
+        spawn(settings)
+        with TestClient(create_app(settings)) as client:
+            job = submit(client, slides_dir, BUSY)
+            wait_for("some progress", lambda: job_state(client, job["job_id"])["tiles_done"] >= 4)
+            server.stop()  # workers lose Redis in the middle of the job
+            time.sleep(1.0)
+            server.start()  # same port, same append-only file
+            done = wait_for("the job to finish after the restart",
+                            lambda: (s := job_state(client, job["job_id"]))["state"] in C.TERMINAL_STATES and s)
+            assert done["state"] == C.STATE_DONE, done
+            assert done["tiles_done"] == done["tiles_total"]
+    finally:
+        server.stop()
