@@ -61,7 +61,9 @@ def _worker_command(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(settings: Settings) -> None:
+    """PIXELCAM_LOG_LEVEL for the long-running commands (the `pixelcam` entry point may have set handlers)."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(settings.log_level)
 
 
 def _stop_on_signals(event: threading.Event) -> None:
