@@ -66,3 +66,13 @@ def test_images_copy_every_package_the_install_needs() -> None:
         text = (REPO / "docker" / name).read_text()
         for src in ("pyproject.toml", "model", "service", "training"):
             assert re.search(rf"^COPY {re.escape(src)}\b", text, flags=re.M), (name, src)
+
+
+def test_api_image_puts_the_viewer_assets_where_the_installed_viewer_looks() -> None:
+    from service.api import viewer
+
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    site = "/usr/local/lib/python3.11/site-packages"  # python:3.11-slim's purelib
+    relative = viewer.osd_dir().relative_to(Path(viewer.__file__).resolve().parents[2])
+    assert re.search(rf"^\s*{re.escape(f'{site}/{relative.as_posix()}')}\s*$", text, flags=re.M)
+    assert "FROM python:3.11-slim" in text and "npm ci" in text
