@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 import tifffile
 from shapely.geometry import shape
 
@@ -90,6 +93,23 @@ def test_heatmap_tiff_has_the_declared_frame_and_scale(cmu_run: tuple[AnalysisRe
     assert covered.sum() * cell_mm2 == pytest.approx(result.result["evidence"]["analysed_area_mm2"], abs=1e-3)
 
 
+def _check_qupath_feature(feature: dict) -> None:
+    """QuPath's GeoJSON reader rules (FIELD.md 4.1) for one feature."""
+    assert set(feature) == {"type", "id", "geometry", "properties"} and feature["type"] == "Feature"
+    assert str(uuid.UUID(feature["id"])) == feature["id"]
+    assert feature["geometry"]["type"] in ("Polygon", "MultiPolygon")
+    props = feature["properties"]
+    assert props["objectType"] in ("annotation", "detection", "tile")
+    cls = props["classification"]
+    assert set(cls) == {"name", "color"} and isinstance(cls["name"], str) and cls["name"]
+    assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
+    measurements = props["measurements"]
+    assert isinstance(measurements, dict) and measurements
+    assert all(isinstance(k, str) and math.isfinite(v) for k, v in measurements.items())
+    for x, y in shapely.get_coordinates(shape(feature["geometry"])).tolist():
+        assert round(x, 2) == x and round(y, 2) == y
+
+
 def test_geojson_is_a_qupath_feature_collection(cmu_run: tuple[AnalysisResult, list]) -> None:
     result, _ = cmu_run
     doc = json.loads(result.path("geojson").read_text())
@@ -98,7 +118,10 @@ def test_geojson_is_a_qupath_feature_collection(cmu_run: tuple[AnalysisResult, l
     assert kinds.count("tile") == result.result["evidence"]["tiles_analysed"]
     assert kinds.count("annotation") >= 1
     assert doc["metadata"]["frame"]["l0_offset_xy"] == [0, 0]
+    assert doc["metadata"]["model"]["sha256"] == result.result["provenance"]["model"]["sha256"]
+    assert len({f["id"] for f in doc["features"]}) == len(doc["features"])
     for feature in doc["features"]:
+        _check_qupath_feature(feature)
         geom = shape(feature["geometry"])
         assert geom.is_valid and not geom.is_empty
         x0, y0, x1, y1 = geom.bounds
