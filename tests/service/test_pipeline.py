@@ -76,7 +76,7 @@ def test_heatmap_tiff_has_the_declared_frame_and_scale(cmu_run: tuple[AnalysisRe
     result, _ = cmu_run
     meta = result.result["heatmap"]
     # one heatmap cell = one model output cell: 224 px x 1.0 um / 28 cells = 8 um
-    assert meta["hm_mpp"] == pytest.approx(8.0)
+    assert meta["hm_mpp"] == pytest.approx(8.0, rel=0.01)  # the plan may snap the tile by a pixel
     assert meta["size_wh"] == [
         int(np.ceil(2220 / meta["hm_downsample"])),
         int(np.ceil(2967 / meta["hm_downsample"])),
