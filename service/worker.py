@@ -211,17 +211,21 @@ class Worker:
         from service.slides import open_slide
 
         mpp = float(job["mpp"]) if job.get("mpp") else None
-        return open_slide(self.settings.storage_dir / job["slide_file"], mpp_override=mpp)
+        return open_slide(self._slide_path(job), mpp_override=mpp)
 
-    def _plan_of(self, job_id: str, generation: str) -> Any:
+    def _slide_path(self, job: dict[str, str]) -> Path:
+        return (self.settings.storage_dir / job["slide_file"]).resolve()
+
+    def _plan_of(self, job_id: str, generation: str, job: dict[str, str]) -> Any:
         from service.pipeline import JobPlan
 
         key = (job_id, generation)
         if key not in self._plans:
             plan = JobPlan.load(self._job_dir(job_id))
-            # batches sized for this worker's device, whoever made the plan
+            # batches sized for this worker's device and the slide where this machine mounts the storage,
+            # whoever made the plan
             options = dataclasses.replace(plan.options, batch_size=self.settings.batch_size)
-            self._plans[key] = dataclasses.replace(plan, options=options)
+            self._plans[key] = dataclasses.replace(plan, options=options, slide_path=str(self._slide_path(job)))
             while len(self._plans) > _MAX_OPEN_SLIDES:
                 self._plans.popitem(last=False)
         return self._plans[key]
@@ -258,7 +262,7 @@ class Worker:
             shutil.rmtree(self._job_dir(msg.job_id), ignore_errors=True)
         predictor = self.predictor(job)
         t0 = time.perf_counter()
-        plan = prepare_job(self.settings.storage_dir / job["slide_file"], predictor.metadata,
+        plan = prepare_job(self._slide_path(job), predictor.metadata,
                            _options(job, self.settings), self._job_dir(msg.job_id))
         ranges = plan.chunks(self.settings.chunk_size)
         self._check_live(msg)
@@ -276,7 +280,7 @@ class Worker:
         if msg.chunk_id in self.queue.done_chunks(msg.job_id, msg.generation):
             self.queue.ack(msg)  # redelivered after it was saved: nothing to redo
             return
-        plan = self._plan_of(msg.job_id, msg.generation)
+        plan = self._plan_of(msg.job_id, msg.generation, job)
         predictor = _TimedPredictor(self.predictor(job), self.queue, self.settings.batch_size,
                                     lambda: self._check_live(msg))
         t0 = time.perf_counter()
@@ -297,7 +301,7 @@ class Worker:
             self.queue.ack(msg)
             return
         t0 = time.perf_counter()
-        plan = self._plan_of(msg.job_id, msg.generation)
+        plan = self._plan_of(msg.job_id, msg.generation, job)
         predictor = self.predictor(job)
         finalize_job(self._job_dir(msg.job_id), plan, predictor.metadata, job["model_sha256"])
         self.queue.transition(msg.job_id, msg.generation, C.STATE_STITCHING, C.STATE_DONE,

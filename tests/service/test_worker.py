@@ -276,3 +276,20 @@ def test_jobs_survive_a_redis_restart(tmp_path: Path, shell_models_dir: Path, sl
             assert done["tiles_done"] == done["tiles_total"]
     finally:
         server.stop()
+
+
+def test_workers_may_mount_the_storage_elsewhere(client: TestClient, settings: Settings, tmp_path: Path,
+                                                 slides_dir: Path) -> None:
+    job = submit(client, slides_dir, {"write_detections": False})
+    planner = Worker(settings)
+    msg = planner.queue.read(planner.name, 100)
+    assert msg is not None and msg.kind == C.MSG_PLAN
+    planner.handle(msg)  # the plan is made where the storage is settings.storage_dir ...
+    planner.close()
+    moved = tmp_path / "another-mount"
+    os.rename(settings.storage_dir, moved)  # ... and the rest runs where the same storage is mounted elsewhere
+    elsewhere = settings.model_copy(update={"storage_dir": moved})
+    Worker(elsewhere).run(burst=True)
+    done = job_state(client, job["job_id"])
+    assert done["state"] == C.STATE_DONE, done
+    assert (moved / "jobs" / job["job_id"] / "overlay.png").is_file()
