@@ -139,6 +139,10 @@ def serve(settings: Settings) -> int:
     if not settings.redis_url:
         private = PrivateRedis(storage / "redis")
         settings = settings.model_copy(update={"redis_url": private.start()})
+    if settings.threads == 0 and settings.workers > 1:
+        # local workers share this machine's cores instead of each taking all of them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        settings = settings.model_copy(update={"threads": max(1, cores // settings.workers)})
     env = dict(os.environ, **settings.to_env())
     pool = _WorkerPool(settings.workers, env)
     try:
