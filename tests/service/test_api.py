@@ -151,6 +151,10 @@ def test_jobs_name_their_model_by_checksum(client: TestClient, settings: Setting
     assert overridden.json()["options"]["mpp_override"] == 0.25
     extra = client.post("/v1/jobs", json={"slide_id": slide_id, "colour": "red"})
     assert extra.status_code == 422
+    queued = client.get("/v1/jobs", params={"state": "queued"}).json()["jobs"]
+    assert [j["job_id"] for j in queued] == [overridden.json()["job_id"], first.json()["job_id"]]
+    assert client.get("/v1/jobs", params={"state": "done"}).json()["jobs"] == []
+    assert client.get("/v1/jobs", params={"state": "nonsense"}).status_code == 422
 
 
 def test_model_upload_validates_against_the_contract(client: TestClient, settings: Settings,

@@ -145,15 +145,18 @@ async def upload_and_analyze(
     return _respond(response, record, created)
 
 
-@router.get("/v1/jobs", response_model=JobsPublic)
-def list_jobs(queue: QueueDep, limit: int = Query(50, ge=1, le=1000)) -> JobsPublic:
+@router.get("/v1/jobs", response_model=JobsPublic, responses=_ERRORS)
+def list_jobs(queue: QueueDep, limit: int = Query(50, ge=1, le=1000),
+              state: str | None = Query(None, description="only jobs in this state")) -> JobsPublic:
     """Recent jobs, newest first."""
+    if state is not None and state not in C.JOB_STATES:
+        raise InvalidRequest(f"unknown state {state!r}; use one of {', '.join(C.JOB_STATES)}")
     records = []
-    for job_id in queue.list_ids(limit):
-        record = queue.r.hgetall(queue.job_key(job_id))
-        if record:
-            records.append(job_public(record))  # type: ignore[arg-type]
-    return JobsPublic(jobs=records)
+    for job_id in queue.list_ids(limit if state is None else 10 * limit):
+        record: dict[str, str] = queue.r.hgetall(queue.job_key(job_id))  # type: ignore[assignment]
+        if record and (state is None or record["state"] == state):
+            records.append(job_public(record))
+    return JobsPublic(jobs=records[:limit])
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses=_ERRORS)
