@@ -214,3 +214,19 @@ def test_settings_come_from_the_environment_and_round_trip(monkeypatch: pytest.M
     monkeypatch.setenv("PIXELCAM_REDIS_PREFIX", "a b")
     with pytest.raises(ValueError, match="PIXELCAM_REDIS_PREFIX"):
         Settings()
+
+
+def test_slides_without_mpp_need_an_override_and_refused_formats_say_why(client: TestClient, settings: Settings,
+                                                                         slides_dir: Path) -> None:
+    no_mpp = _upload(client, slides_dir / "kidney-48-5.tif")
+    assert no_mpp.status_code == 201, no_mpp.text
+    info = no_mpp.json()["info"]
+    assert info["mpp_x"] is None and "mpp" in info["mpp_missing"]
+    slide_id = no_mpp.json()["slide_id"]
+    refused = client.post("/v1/jobs", json={"slide_id": slide_id})
+    assert refused.status_code == 422 and '"mpp"' in refused.json()["detail"]
+    accepted = client.post("/v1/jobs", json={"slide_id": slide_id, "mpp": 2.0})
+    assert accepted.status_code == 202 and accepted.json()["mpp"] == 2.0
+    fluorescence = _upload(client, slides_dir / "small_vectra.qptiff")
+    assert fluorescence.status_code == 415 and fluorescence.json()["detail"].startswith("not a slide this service")
+    assert sorted(p.name for p in settings.slides_dir.iterdir()) == [slide_id]
