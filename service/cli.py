@@ -69,6 +69,12 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--min-tissue", type=float, default=0.1, help="keep tiles with this tissue fraction (0.1)")
     p.add_argument("--overlap", type=float, default=0.0, help="tile overlap fraction in [0, 1) (default 0)")
     p.add_argument(
+        "--blend",
+        choices=["mean", "cosine"],
+        default="mean",
+        help="how overlapping tiles are averaged (mean)",
+    )
+    p.add_argument(
         "--hm-downsample", type=float, help="level-0 pixels per heatmap cell (default: model cell)"
     )
     p.add_argument("--no-detections", action="store_true", help="leave the tile objects out of the GeoJSON")
@@ -106,6 +112,7 @@ def _options(args: argparse.Namespace) -> Any:
             mpp_override=args.mpp,
             min_tissue=args.min_tissue,
             overlap=args.overlap,
+            blend=args.blend,
             batch_size=args.batch_size,
             hm_downsample=args.hm_downsample,
             reader_threads=args.reader_threads,

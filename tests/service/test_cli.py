@@ -17,7 +17,7 @@ def test_analyze_writes_all_four_files(
 ) -> None:
     out = tmp_path / "out"
     argv = ["analyze", str(cmu_small_path), "--model", str(random_model_path), "--out", str(out)]
-    code = cli.main([*argv, "--threads", "2", "--batch-size", "8", "--quiet", "--gzip"])
+    code = cli.main([*argv, "--threads", "2", "--batch-size", "8", "--blend", "cosine", "--quiet", "--gzip"])
     assert code == cli.EXIT_OK
     assert {p.name for p in out.iterdir()} == {
         "result.json",
@@ -27,6 +27,7 @@ def test_analyze_writes_all_four_files(
     }
     result = json.loads((out / "result.json").read_text())
     assert result["provenance"]["parameters"]["batch_size"] == 8
+    assert result["provenance"]["parameters"]["blend"] == "cosine"
     assert result["outputs"]["geojson"] == "result.geojson.gz"
     printed = capsys.readouterr().out
     assert cmu_small_path.name in printed and result["classification"]["label"] in printed
