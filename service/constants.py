@@ -16,6 +16,10 @@ JOB_WORKERS_KEY: Final = "job:{job_id}:workers:{generation}"  # hash: worker nam
 JOB_FINALIZE_FLAG_KEY: Final = "job:{job_id}:finalize:{generation}"  # SET NX: the finalize message went out
 STATS_KEY: Final = "stats"  # hash: counters the workers publish for /metrics
 WORKERS_KEY: Final = "workers:alive"  # sorted set: consumer name -> last heartbeat (s)
+OWNER_SLIDES_KEY: Final = "owner:{key_id}:slides"  # set: slide ids uploaded with one API key
+OWNER_JOBS_KEY: Final = "owner:{key_id}:jobs"  # sorted set: job_id -> created_at (s), jobs submitted with one key
+OWNER_ACTIVE_KEY: Final = "owner:{key_id}:active"  # set: that key's jobs not yet seen finished
+ANONYMOUS: Final = "anonymous"  # the key id of requests to an open API (no keys configured)
 
 # Message kinds on the stream.
 MSG_PLAN: Final = "plan"
@@ -42,6 +46,9 @@ WORKER_ALIVE_TTL_S: Final = 60.0  # a worker not seen for this long is not count
 
 # Upload and storage.
 UPLOAD_CHUNK_BYTES: Final = 1 << 20
+# A slide whose smallest pyramid level is bigger than this has no overview to find tissue on cheaply: refused at
+# upload (a decompression bomb declares gigantic dimensions with a few kilobytes of data).
+MAX_OVERVIEW_PX: Final = 1 << 30
 SLIDES_DIR: Final = "slides"
 JOBS_DIR: Final = "jobs"
 MODELS_DIR: Final = "models"

@@ -20,6 +20,11 @@ __all__ = [
     "JobConflict",
     "QueueUnavailable",
     "PermanentJobError",
+    "Unauthorized",
+    "Forbidden",
+    "RateLimited",
+    "UploadTimeout",
+    "JobLost",
 ]
 
 
@@ -73,3 +78,27 @@ class QueueUnavailable(ServiceError):
 
 class PermanentJobError(ServiceError):
     """A worker failure that retrying cannot fix; the job is marked failed with this message."""
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one the server does not know (only when `PIXELCAM_API_KEYS` is set)."""
+
+
+class Forbidden(ServiceError):
+    """The key is valid but may not do this (e.g. change the models without an admin key)."""
+
+
+class RateLimited(ServiceError):
+    """Too many requests (or unfinished jobs) for this key; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UploadTimeout(ServiceError):
+    """The client stopped sending an upload for longer than `PIXELCAM_UPLOAD_IDLE_TIMEOUT_S`."""
+
+
+class JobLost(ServiceError):
+    """The job's files exist but Redis has no record of it (Redis restarted without persistence)."""

@@ -79,9 +79,14 @@ class Message:
     deliveries: int = 1
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client for `url` that answers strings; fails fast with a fix when the server is unreachable."""
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
+def connect(url: str, socket_timeout_s: float = 30.0) -> redis.Redis:
+    """A Redis client for `url` that answers strings; fails fast with a fix when the server is unreachable.
+
+    Every call is bounded: connecting by 5 s, any reply by `socket_timeout_s` (longer than a worker's blocking
+    read), so a Redis that hangs fails requests with a timeout instead of hanging them.
+    """
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                  socket_timeout=socket_timeout_s, health_check_interval=30)
     try:
         client.ping()
     except redis.RedisError as err:

@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=constants.MAX_ATTEMPTS, gt=0, description="tries of one chunk before the job fails")
     block_ms: int = Field(default=constants.BLOCK_MS, gt=0, description="how long a worker waits on an empty queue")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level of entrypoints")
+    # security and limits (docs/reliability.md)
+    api_keys: str = Field(default="", repr=False,
+                          description="comma-separated bearer tokens; empty: the API is open to anyone who reaches it")
+    admin_keys: str = Field(default="", repr=False,
+                            description="comma-separated tokens (also valid as API keys) that may add models and "
+                                        "change the default; empty: every key may")
+    cors_origins: str = Field(default="", description="comma-separated origins allowed by CORS ('*' for any); empty: none")
+    rate_limit_per_s: float = Field(default=0.0, ge=0, description="requests per second per key (or client); 0: no limit")
+    rate_burst: int = Field(default=200, gt=0, description="requests a key may send at once before the rate applies")
+    max_active_jobs_per_key: int = Field(default=0, ge=0, description="unfinished jobs per key; 0: no limit")
+    upload_idle_timeout_s: float = Field(default=60.0, gt=0, description="an upload that sends nothing this long is dropped")
 
     @field_validator("redis_prefix")
     @classmethod
@@ -50,6 +61,17 @@ class Settings(BaseSettings):
         if not value or any(ch in value for ch in " {}*?"):
             raise ValueError("PIXELCAM_REDIS_PREFIX must be a non-empty name without spaces, braces or wildcards")
         return value
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> Settings:
+        for key in self.api_key_list:
+            if len(key) < 16 or any(ch.isspace() or ch in ",;" for ch in key):
+                raise ValueError(
+                    "every key of PIXELCAM_API_KEYS / PIXELCAM_ADMIN_KEYS must be at least 16 characters without "
+                    "spaces, commas or semicolons; make them with `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:
@@ -75,6 +97,22 @@ class Settings(BaseSettings):
         """Where job outputs live: `<storage_dir>/jobs/<job_id>/`."""
         return self.storage_dir / constants.JOBS_DIR
 
+    @property
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (admin keys included); empty when the API is open."""
+        keys = _split(self.api_keys) + _split(self.admin_keys)
+        return list(dict.fromkeys(keys))
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        """Keys allowed to change the models directory; empty: every key."""
+        return _split(self.admin_keys)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """Origins that browsers may call the API from."""
+        return _split(self.cors_origins)
+
     def to_env(self) -> dict[str, str]:
         """These settings as `PIXELCAM_*` environment variables (for worker processes started from here)."""
         env = {}
@@ -89,6 +127,11 @@ class Settings(BaseSettings):
     def key(self, name: str, **fields: object) -> str:
         """A Redis key: the prefix plus one of the names in `service.constants`, formatted with `fields`."""
         return f"{self.redis_prefix}:{name.format(**fields)}"
+
+
+def _split(text: str) -> list[str]:
+    """Comma-separated items, stripped, empty ones dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 @lru_cache(maxsize=1)

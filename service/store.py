@@ -155,14 +155,17 @@ class SlideStore:
             slide = open_slide(path, mpp_override=1.0)
             info = _info_dict(slide.info)
             slide.close()
+            _check_overview(info)
             info.update(mpp_x=None, mpp_y=None, mpp_source=None, mpp_missing=str(err))
             return info
         except SlideError as err:
             raise InvalidUpload(f"not a slide this service can read: {err}") from err
         try:
-            return _info_dict(slide.info)
+            info = _info_dict(slide.info)
         finally:
             slide.close()
+        _check_overview(info)
+        return info
 
     def find(self, slide_id: str) -> SlideRecord | None:
         """The slide if it is stored, else None."""
@@ -182,6 +185,18 @@ class SlideStore:
             raise SlideNotFound(f"no slide {slide_id}; upload it with POST /v1/slides") from err
         return SlideRecord(slide_id=slide_id, path=folder / str(meta["file"]), filename=str(meta["filename"]),
                            size_bytes=int(meta["size_bytes"]), info=dict(meta["info"]))
+
+
+def _check_overview(info: dict[str, Any]) -> None:
+    """Refuse slides whose smallest level is too big to look at whole (no pyramid, or a decompression bomb)."""
+    sizes = [tuple(size) for size in info.get("level_sizes_wh") or [info.get("l0_size_wh") or (0, 0)]]
+    w, h = min(sizes, key=lambda wh: int(wh[0]) * int(wh[1]))
+    if int(w) * int(h) > C.MAX_OVERVIEW_PX:
+        raise InvalidUpload(
+            f"not a slide this service can read: its smallest level is {w} x {h} px ({int(w) * int(h) / 1e9:.1f} "
+            f"Gpx), above the {C.MAX_OVERVIEW_PX / 1e9:.1f} Gpx that tissue detection may read; save it as a "
+            "pyramid (`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`)"
+        )
 
 
 def _info_dict(info: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ heartbeat thread keeps it claimed; a worker that dies stops the heartbeat and it
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -69,7 +70,8 @@ class Worker:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None, name: str | None = None) -> None:
         self.settings = settings
-        self.queue = JobQueue(client or connect(settings.redis_url), settings)
+        timeout_s = max(30.0, settings.block_ms / 1000 + 10.0)  # a blocking read must not look like a hang
+        self.queue = JobQueue(client or connect(settings.redis_url, socket_timeout_s=timeout_s), settings)
         self.queue.ensure_group()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.models = ModelRegistry(settings.models_dir, settings.default_model)
@@ -95,10 +97,18 @@ class Worker:
                         continue
                     self.handle(msg)
                     self.processed += 1
-                except redis.ConnectionError as err:
+                except (redis.ConnectionError, redis.TimeoutError) as err:
                     # a message being handled stays pending and is reclaimed once Redis is back
                     logger.warning("worker %s: redis unreachable (%s); retrying", self.name, err)
                     self.stop_event.wait(1.0)
+                except redis.ResponseError as err:
+                    if "NOGROUP" not in str(err):
+                        raise
+                    # Redis came back empty (restarted without persistence): the jobs it held are lost and
+                    # their clients see 410/404; serve the jobs submitted from now on
+                    logger.error("worker %s: the queue is gone from Redis (restarted without persistence?); "
+                                 "jobs in flight are lost, recreating the consumer group", self.name)
+                    self.queue.ensure_group()
         finally:
             self.close()
         return self.processed
@@ -131,8 +141,12 @@ class Worker:
                 logger.info("job %s: %s %s stopped: cancelled", msg.job_id, msg.kind, msg.chunk_id)
                 self.queue.ack(msg)
                 self._release(msg)
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 raise
+            except redis.ResponseError as err:
+                if "NOGROUP" in str(err):
+                    raise
+                self._retry_later(msg, err)
             except Exception as err:
                 if isinstance(err, _permanent_errors()):
                     self._fail(msg, f"{type(err).__name__}: {err}")
@@ -160,7 +174,10 @@ class Worker:
         logger.exception("job %s: %s failed (attempt %d of %d)", msg.job_id, what, attempts,
                          self.settings.max_attempts)
         if attempts >= self.settings.max_attempts:
-            self._fail(msg, f"{what} failed {attempts} times; last error: {type(err).__name__}: {err}")
+            hint = ""
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                hint = "; the shared storage is full: free space there, then resubmit the job"
+            self._fail(msg, f"{what} failed {attempts} times; last error: {type(err).__name__}: {err}{hint}")
         # else: left unacknowledged; any worker reclaims it after claim_idle_s (a natural backoff)
 
     @contextmanager
@@ -203,7 +220,13 @@ class Worker:
 
             path = self._model_path(job)
             t0 = time.perf_counter()
-            self._predictors[sha] = Predictor(path, threads=self.settings.threads or None)
+            predictor = Predictor(path, threads=self.settings.threads or None)
+            if predictor.sha256 != sha:  # the file was replaced between the check and the load
+                raise PermanentJobError(
+                    f"model {job['model']!r} was replaced while the job ran (sha256 {predictor.sha256[:12]} != "
+                    f"{sha[:12]}); its results would mix two models, so it stops here; resubmit the job"
+                )
+            self._predictors[sha] = predictor
             logger.info("worker %s loaded model %s in %.2f s", self.name, path.name, time.perf_counter() - t0)
         return self._predictors[sha]
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+import redis
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -17,6 +20,7 @@ from service import errors
 from service.api import tiles, viewer  # Deep Zoom tiles and the built-in viewer (viewer engineer)
 from service.api.metrics import QueueCollector
 from service.api.routes import health, jobs, models, results, slides
+from service.api.security import SecurityMiddleware, authorize
 from service.queue import JobQueue, connect
 from service.settings import Settings
 from service.store import ModelRegistry, SlideStore
@@ -27,6 +31,11 @@ __all__ = ["create_app", "packaged_models"]
 
 _STATUS: list[tuple[type[errors.ServiceError], int]] = [
     (errors.NotFoundError, 404),
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
+    (errors.RateLimited, 429),
+    (errors.UploadTimeout, 408),
+    (errors.JobLost, 410),
     (errors.UploadTooLarge, 413),
     (errors.InvalidUpload, 415),
     (errors.InvalidRequest, 422),
@@ -84,12 +93,55 @@ def create_app(settings: Settings) -> FastAPI:
         summary="PixelCAM whole-slide inference: slide class, heatmap and QuPath GeoJSON",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],  # ids in the path must belong to the caller's key
     )
     app.state.settings = settings
+    # the outermost layer last: CORS answers preflights before the key check, which runs before any route
+    app.add_middleware(SecurityMiddleware, settings=settings)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_credentials=True,
+                           allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Location", "Retry-After", "ETag"])
+
+    _add_error_handlers(app)
+
+    # tiles first: `/v1/slides/{id}.dzi` would otherwise match `/v1/slides/{slide_id}`
+    for router in (tiles.router, viewer.router, slides.router, jobs.router, results.router, models.router,
+                   health.router):
+        app.include_router(router)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """The one place that turns errors into JSON responses (never a stack trace)."""
 
     @app.exception_handler(errors.ServiceError)
     async def _service_error(request: Request, err: errors.ServiceError) -> JSONResponse:
-        return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=status_of(err))
+        headers: dict[str, str] = {}
+        if isinstance(err, errors.RateLimited):
+            headers["Retry-After"] = str(max(1, int(err.retry_after_s + 0.999)))
+        if isinstance(err, errors.Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=status_of(err),
+                            headers=headers)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_error(request: Request, err: redis.RedisError) -> JSONResponse:
+        logger.error("redis error on %s %s: %s", request.method, request.url.path, err)
+        return JSONResponse({"error": "QueueUnavailable",
+                             "detail": "the job queue (Redis) is unreachable; retry shortly, and check "
+                                       "PIXELCAM_REDIS_URL and the Redis server if it persists"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        logger.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=err)
+        return JSONResponse({"error": "InternalError",
+                             "detail": f"unexpected server error; the server log has it under id {error_id} "
+                                       "(quote it when reporting the problem)", "error_id": error_id},
+                            status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -101,9 +153,3 @@ def create_app(settings: Settings) -> FastAPI:
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in err.errors()]
         return JSONResponse({"error": "ValidationError", "detail": "; ".join(parts)}, status_code=422)
-
-    # tiles first: `/v1/slides/{id}.dzi` would otherwise match `/v1/slides/{slide_id}`
-    for router in (tiles.router, viewer.router, slides.router, jobs.router, results.router, models.router,
-                   health.router):
-        app.include_router(router)
-    return app

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +18,18 @@ from starlette.concurrency import run_in_threadpool
 
 from service import constants as C
 from service.api.routes.slides import receive_slide
+from service.api.security import (
+    ANONYMOUS,
+    Principal,
+    active_jobs,
+    grant_slide,
+    owned_job_ids,
+    owns_slide,
+    principal_of,
+    record_job,
+)
 from service.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, JobLost, JobNotFound, RateLimited, ServiceError, SlideNotFound
 from service.queue import JobQueue, dumps_options
 from service.schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
 from service.store import ModelRegistry, SlideRecord, SlideStore, job_dir
@@ -28,8 +39,11 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 422: {"model": ErrorPublic}
+    404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 422: {"model": ErrorPublic},
+    429: {"model": ErrorPublic},
 }
+_SUBMIT_LOCK = threading.Lock()  # the per-key job limit is checked and the job created as one step
+_LIMIT_RETRY_S = 10.0
 
 
 def _float(value: str | None) -> float | None:
@@ -85,8 +99,14 @@ def canonical_options(body: JobCreate) -> dict[str, Any]:
 
 
 def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body: JobCreate, jobs_root: Path,
-               slide: SlideRecord | None = None) -> tuple[dict[str, str], bool]:
-    """Create the job (or find the identical one): its id hashes the slide, the model's checksum and parameters."""
+               slide: SlideRecord | None = None, who: Principal = ANONYMOUS,
+               max_active: int = 0) -> tuple[dict[str, str], bool]:
+    """Create the job (or find the identical one): its id hashes the slide, the model's checksum and parameters.
+
+    With API keys the key's id is hashed in too: each key has its own jobs, even on the same slide.
+    """
+    if not owns_slide(queue, who, body.slide_id):
+        raise SlideNotFound(f"no slide {body.slide_id}; upload it with POST /v1/slides")
     slide = slide or slides.get(body.slide_id)
     model = models.get(body.model)
     options = canonical_options(body)
@@ -96,13 +116,26 @@ def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body:
             f"slide {slide.slide_id} has no microns-per-pixel in its metadata; give it explicitly with \"mpp\""
         )
     params = dumps_options(options)
-    job_id = hashlib.sha256(f"{slide.slide_id}:{model.sha256}:{params}".encode()).hexdigest()[:32]
+    identity = f"{slide.slide_id}:{model.sha256}:{params}"
+    if who.authenticated:
+        identity = f"{who.key_id}:{identity}"
+    job_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
     fields = {"slide_id": slide.slide_id, "slide_file": str(slide.path.relative_to(slides.root.parent)),
               "model": model.name, "model_sha256": model.sha256, "options": params,
-              "mpp": "" if mpp is None else repr(float(mpp))}
+              "mpp": "" if mpp is None else repr(float(mpp)), "owner": who.key_id}
     # a done job whose files are gone from the shared storage is run again instead of pointing at nothing
     missing = not (job_dir(jobs_root, job_id) / "result.json").is_file()
-    return queue.submit(job_id, fields, rerun_done=missing)
+    with _SUBMIT_LOCK:
+        if max_active and active_jobs(queue, who) >= max_active:
+            existing = queue.r.hget(queue.job_key(job_id), "state")
+            if existing is None or existing in C.TERMINAL_STATES:  # asking for a job it has is always fine
+                raise RateLimited(
+                    f"this key has {max_active} unfinished jobs, the most it may have at once "
+                    "(PIXELCAM_MAX_ACTIVE_JOBS_PER_KEY); wait for one to finish or cancel one", _LIMIT_RETRY_S)
+        record, created = queue.submit(job_id, fields, rerun_done=missing)
+        if created:
+            record_job(queue, who, job_id, float(record["created_at"]))
+    return record, created
 
 
 def _respond(response: Response, record: dict[str, str], created: bool) -> JobPublic:
@@ -112,10 +145,11 @@ def _respond(response: Response, record: dict[str, str], created: bool) -> JobPu
 
 
 @router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses=_ERRORS)
-def create_job(body: JobCreate, response: Response, queue: QueueDep, slides: SlideStoreDep,
+def create_job(body: JobCreate, request: Request, response: Response, queue: QueueDep, slides: SlideStoreDep,
                models: ModelsDep, settings: SettingsDep) -> JobPublic:
     """Analyse an uploaded slide; the same slide, model and parameters return the existing job."""
-    record, created = submit_job(queue, slides, models, body, settings.jobs_dir)
+    record, created = submit_job(queue, slides, models, body, settings.jobs_dir, who=principal_of(request),
+                                 max_active=settings.max_active_jobs_per_key)
     return _respond(response, record, created)
 
 
@@ -140,29 +174,44 @@ async def upload_and_analyze(
     if not isinstance(parsed, dict):
         raise InvalidRequest(f"options must be a JSON object, got {options!r}")
     slide = await receive_slide(request, slides, settings, filename)
+    who = principal_of(request)
+    await run_in_threadpool(grant_slide, queue, who, slide.slide_id)
     body = JobCreate(slide_id=slide.slide_id, model=model, mpp=mpp, options=parsed)
-    record, created = await run_in_threadpool(submit_job, queue, slides, models, body, settings.jobs_dir, slide)
+    record, created = await run_in_threadpool(submit_job, queue, slides, models, body, settings.jobs_dir, slide,
+                                              who, settings.max_active_jobs_per_key)
     return _respond(response, record, created)
 
 
 @router.get("/v1/jobs", response_model=JobsPublic, responses=_ERRORS)
-def list_jobs(queue: QueueDep, limit: int = Query(50, ge=1, le=1000),
+def list_jobs(request: Request, queue: QueueDep, limit: int = Query(50, ge=1, le=1000),
               state: str | None = Query(None, description="only jobs in this state")) -> JobsPublic:
-    """Recent jobs, newest first."""
+    """Recent jobs (of the caller's key when keys are configured), newest first."""
     if state is not None and state not in C.JOB_STATES:
         raise InvalidRequest(f"unknown state {state!r}; use one of {', '.join(C.JOB_STATES)}")
     records = []
-    for job_id in queue.list_ids(limit if state is None else 10 * limit):
+    for job_id in owned_job_ids(queue, principal_of(request), limit if state is None else 10 * limit):
         record: dict[str, str] = queue.r.hgetall(queue.job_key(job_id))  # type: ignore[assignment]
         if record and (state is None or record["state"] == state):
             records.append(job_public(record))
     return JobsPublic(jobs=records[:limit])
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses=_ERRORS)
-def get_job(job_id: str, queue: QueueDep) -> JobPublic:
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses={**_ERRORS, 410: {"model": ErrorPublic}})
+def get_job(job_id: str, queue: QueueDep, settings: SettingsDep) -> JobPublic:
     """A job's state, progress, throughput and ETA."""
-    record = queue.get(job_id)
+    try:
+        record = queue.get(job_id)
+    except JobNotFound as err:
+        try:
+            known = job_dir(settings.jobs_dir, job_id).is_dir()
+        except ServiceError:
+            known = False
+        if known:
+            raise JobLost(
+                f"job {job_id} has files on the storage but the queue has no record of it (Redis restarted "
+                "without persistence?); submit it again: the same request gives the same job id"
+            ) from err
+        raise
     return job_public(record, queue.workers_of(job_id, record["generation"]))
 
 

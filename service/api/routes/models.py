@@ -8,8 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from service.api.routes.slides import body_chunks
+from service.api.security import principal_of
 from service.deps import ModelsDep, SettingsDep
-from service.errors import ModelUnavailable, UploadTooLarge
+from service.errors import Forbidden, ModelUnavailable, UploadTooLarge
 from service.schemas import DefaultModelUpdate, ErrorPublic, ModelPublic, ModelsPublic
 from service.store import ModelEntry, ModelRegistry
 
@@ -18,9 +20,15 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 413: {"model": ErrorPublic},
-    415: {"model": ErrorPublic},
+    403: {"model": ErrorPublic}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
+    413: {"model": ErrorPublic}, 415: {"model": ErrorPublic},
 }
+
+
+def _require_admin(request: Request) -> None:
+    """Models are shared by every key: changing them needs an admin key when admin keys are configured."""
+    if not principal_of(request).admin:
+        raise Forbidden("changing the models needs a key listed in PIXELCAM_ADMIN_KEYS; ask the server's operator")
 
 
 def _default_or_none(models: ModelRegistry) -> str | None:
@@ -50,8 +58,9 @@ def get_model(name: str, models: ModelsDep) -> ModelPublic:
 
 
 @router.put("/default", response_model=ModelPublic, responses=_ERRORS)
-def set_default_model(body: DefaultModelUpdate, models: ModelsDep) -> ModelPublic:
+def set_default_model(body: DefaultModelUpdate, request: Request, models: ModelsDep) -> ModelPublic:
     """Make a model the default for new jobs."""
+    _require_admin(request)
     entry = models.set_default(body.name)
     return model_public(entry, entry.name)
 
@@ -65,12 +74,13 @@ async def upload_model(
     name: str = Query(description="name to serve it under (letters, digits, '.', '_', '-')"),
 ) -> ModelPublic:
     """Add an `.onnx` model (raw body); it is validated against the model contract before it is listed."""
+    _require_admin(request)
     models.root.mkdir(parents=True, exist_ok=True)
     tmp = models.root / f".upload-{uuid.uuid4().hex}.onnx.tmp"
     size = 0
     try:
         with tmp.open("wb") as fh:
-            async for data in request.stream():
+            async for data in body_chunks(request, settings.upload_idle_timeout_s):
                 size += len(data)
                 if size > settings.max_upload_bytes:
                     raise UploadTooLarge(f"model upload exceeds {settings.max_upload_bytes} bytes "

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request, Response
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import SettingsDep, SlideStoreDep
-from service.errors import InvalidUpload, UploadTooLarge
+from service.api.security import grant_slide, principal_of
+from service.deps import QueueDep, SettingsDep, SlideStoreDep
+from service.errors import InvalidUpload, UploadTimeout, UploadTooLarge
 from service.schemas import ErrorPublic, SlidePublic
 from service.settings import Settings
 from service.store import SlideRecord, SlideStore, Upload
@@ -20,8 +23,25 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    404: {"model": ErrorPublic}, 413: {"model": ErrorPublic}, 415: {"model": ErrorPublic}
+    404: {"model": ErrorPublic}, 408: {"model": ErrorPublic}, 413: {"model": ErrorPublic},
+    415: {"model": ErrorPublic},
 }
+
+
+async def body_chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives; UploadTimeout when the client sends nothing for `idle_timeout_s`."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            data = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as err:
+            raise UploadTimeout(
+                f"the upload sent nothing for {idle_timeout_s:g} s and was dropped; resend it "
+                "(the server's limit is PIXELCAM_UPLOAD_IDLE_TIMEOUT_S)"
+            ) from err
+        yield data
 
 
 class _FormSlide:
@@ -72,7 +92,7 @@ async def _receive_form(request: Request, store: SlideStore, settings: Settings)
     form = _FormSlide(store, settings.max_upload_bytes, params[b"boundary"])
     received = False
     try:
-        async for data in request.stream():
+        async for data in body_chunks(request, settings.upload_idle_timeout_s):
             form.parser.write(data)
         form.parser.finalize()
         received = True
@@ -91,7 +111,7 @@ async def _receive_body(request: Request, store: SlideStore, settings: Settings,
     upload = store.begin_upload(filename, settings.max_upload_bytes)
     received = False
     try:
-        async for data in request.stream():
+        async for data in body_chunks(request, settings.upload_idle_timeout_s):
             if data:
                 upload.write(data)
         received = True
@@ -129,10 +149,12 @@ async def upload_slide(
     response: Response,
     store: SlideStoreDep,
     settings: SettingsDep,
+    queue: QueueDep,
     filename: str | None = Query(None, description="original file name; only its extension is kept"),
 ) -> SlidePublic:
     """Upload a slide as the raw request body; a re-upload of the same bytes stores nothing."""
     record = await receive_slide(request, store, settings, filename)
+    await run_in_threadpool(grant_slide, queue, principal_of(request), record.slide_id)
     if not record.created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/slides/{record.slide_id}"
