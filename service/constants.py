@@ -48,7 +48,7 @@ WORKER_ALIVE_TTL_S: Final = 60.0  # a worker not seen for this long is not count
 UPLOAD_CHUNK_BYTES: Final = 1 << 20
 # A slide whose smallest pyramid level is bigger than this has no overview to find tissue on cheaply: refused at
 # upload (a decompression bomb declares gigantic dimensions with a few kilobytes of data).
-MAX_OVERVIEW_PX: Final = 1 << 30
+MAX_OVERVIEW_PX: Final = 1_000_000_000
 SLIDES_DIR: Final = "slides"
 JOBS_DIR: Final = "jobs"
 MODELS_DIR: Final = "models"

@@ -1,0 +1,224 @@
+"""Hostile and broken uploads: each gets a specific 4xx JSON error, leaves nothing behind, and the server serves on."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service import constants as C
+from service.api import create_app
+from service.redis_server import free_port
+from service.settings import Settings
+from service.worker import Worker
+from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
+from tests.service.conftest_redis import REPO_ROOT, make_settings
+
+pytestmark = pytest.mark.redis
+
+SLIDE = "CMU-1-Small-Region.svs"
+
+
+def bomb_tiff(path: Path, size: int = 200_000, tile: int = 1024) -> Path:
+    """A valid tiled RGB TIFF declaring size x size px (120 GB decoded) in ~300 kB: every tile is one zlib blob."""
+    blob = zlib.compress(bytes(tile * tile * 3), 9)
+    n = ((size + tile - 1) // tile) ** 2
+    off_offsets = 8 + len(blob)
+    off_counts = off_offsets + 4 * n
+    off_bps = off_counts + 4 * n
+    off_res = off_bps + 6
+    off_ifd = off_res + 8
+    short, long_, rational = 3, 4, 5
+    tags = [(256, long_, 1, size), (257, long_, 1, size), (258, short, 3, off_bps), (259, short, 1, 8),
+            (262, short, 1, 2), (277, short, 1, 3), (282, rational, 1, off_res), (283, rational, 1, off_res),
+            (284, short, 1, 1), (296, short, 1, 3), (322, short, 1, tile), (323, short, 1, tile),
+            (324, long_, n, off_offsets), (325, long_, n, off_counts)]
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        packed = struct.pack("<HH", value, 0) if kind == short and count == 1 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0)  # no next directory
+    with path.open("wb") as fh:
+        fh.write(b"II*\x00" + struct.pack("<I", off_ifd) + blob)
+        fh.write(struct.pack(f"<{n}I", *([8] * n)) + struct.pack(f"<{n}I", *([len(blob)] * n)))
+        fh.write(struct.pack("<HHH", 8, 8, 8) + struct.pack("<II", 40000, 1) + ifd)  # 0.25 um/px
+    return path
+
+
+def photo(fmt: str) -> bytes:
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# (case, file name sent, how to make the bytes, a phrase the error must contain)
+CASES: list[tuple[str, str, Callable[[Path, Path], bytes], str]] = [
+    ("zero-bytes", "empty.svs", lambda s, t: b"", "empty"),
+    ("random-bytes", "random.svs", lambda s, t: np.random.default_rng(0).bytes(200_000), "not a slide"),
+    ("truncated-svs", SLIDE, lambda s, t: (s / SLIDE).read_bytes()[:700_000], "not a slide"),
+    ("decompression-bomb", "huge.tif", lambda s, t: bomb_tiff(t / "bomb.tif").read_bytes(), "--pyramid"),
+    ("png-photo", "photo.png", lambda s, t: photo("PNG"), "not a slide"),
+    ("jpeg-photo", "photo.jpg", lambda s, t: photo("JPEG"), "not a slide"),
+    ("fluorescence-qptiff", "small_vectra.qptiff", lambda s, t: (s / "small_vectra.qptiff").read_bytes(),
+     "fluorescence"),
+    ("non-conformant-dicom", "small_dicom.dcm",
+     lambda s, t: (s / "dicom_pathml_small" / "small_dicom.dcm").read_bytes(), "non-conformant"),
+    ("one-file-of-a-dicom-series", "boxes_1.dcm", lambda s, t: (s / "dicom_boxes" / "boxes_1.dcm").read_bytes(),
+     "every instance of the series"),
+]
+
+
+@pytest.fixture()
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def stored_files(settings: Settings) -> list[str]:
+    """Every file under the slides folder (partial uploads live in dot folders there)."""
+    if not settings.slides_dir.exists():
+        return []
+    return sorted(str(p.relative_to(settings.slides_dir)) for p in settings.slides_dir.rglob("*"))
+
+
+@pytest.mark.parametrize(("case", "name", "make", "phrase"), CASES, ids=[c[0] for c in CASES])
+def test_bad_upload_is_a_specific_4xx_and_leaves_nothing(client: TestClient, settings: Settings, slides_dir: Path,
+                                                         tmp_path: Path, case: str, name: str,
+                                                         make: Callable[[Path, Path], bytes], phrase: str) -> None:
+    data = make(slides_dir, tmp_path)
+    for route in ("/v1/slides", "/v1/analyze"):
+        resp = client.post(route, content=data, params={"filename": name})
+        assert resp.status_code == 415, (case, route, resp.text)
+        assert resp.headers["content-type"] == "application/json"
+        assert resp.json()["error"] == "InvalidUpload" and phrase in resp.json()["detail"], resp.json()
+    form = client.post("/v1/slides", files={"file": (name, data, "application/octet-stream")})
+    assert form.status_code == 415 and phrase in form.json()["detail"]
+    assert stored_files(settings) == []
+    assert client.get("/v1/jobs").json() == {"jobs": []}  # /v1/analyze queued nothing
+    good = client.post("/v1/slides", content=(slides_dir / "small_16x16.svs").read_bytes(),
+                       params={"filename": "small.svs"})
+    assert good.status_code == 201  # the server keeps serving
+
+
+def test_wrong_content_types_are_refused_clearly(client: TestClient, settings: Settings, slides_dir: Path) -> None:
+    data = (slides_dir / SLIDE).read_bytes()
+    no_boundary = client.post("/v1/slides", content=data, headers={"Content-Type": "multipart/form-data"})
+    assert no_boundary.status_code == 415 and "boundary" in no_boundary.json()["detail"]
+    raw_as_form = client.post("/v1/slides", content=data,
+                              headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert raw_as_form.status_code == 415 and raw_as_form.json()["error"] == "InvalidUpload"
+    as_json = client.post("/v1/slides", json={"slide": "base64?"})
+    assert as_json.status_code == 415 and "not a slide" in as_json.json()["detail"]
+    job_as_text = client.post("/v1/jobs", content=b"slide_id=abc", headers={"Content-Type": "text/plain"})
+    assert job_as_text.status_code == 422 and job_as_text.json()["error"] == "ValidationError"
+    assert stored_files(settings) == []
+
+
+def test_the_bomb_is_refused_without_memory_for_its_declared_size(tmp_path: Path) -> None:
+    bomb = bomb_tiff(tmp_path / "bomb.tif")
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"  # 3 GB of address space for 120 GB
+        "from pathlib import Path\n"
+        "from service.errors import InvalidUpload\n"
+        "from service.store import SlideStore\n"
+        "try:\n"
+        f"    SlideStore(Path({str(tmp_path / 'store')!r})).validate(Path({str(bomb)!r}))\n"
+        "except InvalidUpload as err:\n"
+        "    print('REFUSED', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("REFUSED") and "200000 x 200000" in done.stdout
+
+
+def test_odd_slides_that_pass_upload_never_leave_a_job_stuck(client: TestClient, settings: Settings,
+                                                             slides_dir: Path) -> None:
+    def up(path: Path, name: str) -> str:
+        resp = client.post("/v1/slides", content=path.read_bytes(), params={"filename": name})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["slide_id"])
+
+    no_mpp = up(slides_dir / "kidney-48-5.tif", "kidney.tif")
+    absurd_mpp = up(slides_dir / "boxes_pyramid.tiff", "boxes.tiff")
+    for slide_id in (no_mpp, absurd_mpp):
+        refused = client.post("/v1/jobs", json={"slide_id": slide_id})
+        assert refused.status_code == 422 and '"mpp"' in refused.json()["detail"]
+    jobs = {
+        "too-coarse": client.post("/v1/jobs", json={"slide_id": up(
+            slides_dir / "dicom_camelyon16_lowres" / "multiframe_camelyon_challenge_image.dcm", "c.dcm")}),
+        "series-head-alone": client.post("/v1/jobs", json={"slide_id": up(slides_dir / "dicom_boxes" / "boxes_0.dcm",
+                                                                           "boxes_0.dcm")}),
+        "no-mpp-overridden": client.post("/v1/jobs", json={"slide_id": no_mpp, "mpp": 2.0}),
+    }
+    assert all(r.status_code == 202 for r in jobs.values()), {k: r.text for k, r in jobs.items()}
+    Worker(settings).run(burst=True)
+    final = {k: client.get(f"/v1/jobs/{r.json()['job_id']}").json() for k, r in jobs.items()}
+    assert all(j["state"] in C.TERMINAL_STATES for j in final.values()), final
+    assert final["too-coarse"]["state"] == "failed" and "coarser" in final["too-coarse"]["error"]
+    assert final["series-head-alone"]["state"] == "done"
+    assert final["no-mpp-overridden"]["state"] == "done"
+
+
+@pytest.fixture()
+def live_server(tmp_path: Path, redis_url: str, shell_models_dir: Path) -> Iterator[tuple[str, int, Settings]]:
+    """The API under uvicorn in a thread (a real socket: uploads arrive as slowly as the client sends them)."""
+    settings = make_settings(tmp_path, redis_url, shell_models_dir, upload_idle_timeout_s=1.0)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield "127.0.0.1", port, settings
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def _get(host: str, port: int, path: str) -> tuple[int, float]:
+    t0 = time.monotonic()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = sock.recv(65536).split(b"\r\n", 1)[0]
+    return int(head.split()[1]), time.monotonic() - t0
+
+
+def test_a_trickling_upload_blocks_no_one_and_is_dropped_when_idle(live_server: tuple[str, int, Settings]) -> None:
+    host, port, settings = live_server
+    slow = socket.create_connection((host, port), timeout=30)
+    slow.sendall(b"POST /v1/slides?filename=slow.svs HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+                 b"\r\nContent-Length: 1000000\r\n\r\n")
+    for _ in range(5):  # a byte every 0.2 s: the upload stays alive, and other requests are answered meanwhile
+        slow.sendall(b"\x00")
+        assert _get(host, port, "/healthz")[0] == 200
+        assert _get(host, port, "/v1/jobs")[0] == 200
+        time.sleep(0.2)
+    assert any(p.name.startswith(".upload-") for p in settings.slides_dir.iterdir())  # in progress
+    reply = slow.recv(65536)  # the client stops sending: after PIXELCAM_UPLOAD_IDLE_TIMEOUT_S it is dropped
+    slow.close()
+    status = int(reply.split(b"\r\n", 1)[0].split()[1])
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert status == 408 and body["error"] == "UploadTimeout" and "PIXELCAM_UPLOAD_IDLE_TIMEOUT_S" in body["detail"]
+    assert list(settings.slides_dir.iterdir()) == []  # the partial file is gone
+    assert _get(host, port, "/healthz")[0] == 200
