@@ -1,0 +1,185 @@
+"""Faults: Redis restarted empty, Redis down, the disk filling up, the model file replaced in the middle of a job.
+
+The worker SIGKILLed in the middle of a chunk and Redis restarted with persistence are in `test_worker.py`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+
+from service import constants as C
+from service.api import create_app
+from service.redis_server import PrivateRedis
+from service.settings import Settings
+from service.worker import Worker
+from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
+from tests.service.conftest_redis import REPO_ROOT, make_settings
+
+pytestmark = pytest.mark.redis
+
+SLIDE = "CMU-1-Small-Region.svs"
+BUSY = {"overlap": 0.5, "write_detections": False}  # about 80 tiles in 4-tile chunks
+
+
+@pytest.fixture()
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def submit(client: TestClient, slides_dir: Path, options: dict[str, Any]) -> str:
+    slide = client.post("/v1/slides", content=(slides_dir / SLIDE).read_bytes(), params={"filename": SLIDE})
+    assert slide.status_code in (200, 201), slide.text
+    job = client.post("/v1/jobs", json={"slide_id": slide.json()["slide_id"], "options": options})
+    assert job.status_code in (200, 202), job.text
+    return str(job.json()["job_id"])
+
+
+def state(client: TestClient, job_id: str) -> dict[str, Any]:
+    return client.get(f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
+
+
+def finished(client: TestClient, job_id: str) -> dict[str, Any] | None:
+    s = state(client, job_id)
+    return s if s.get("state") in C.TERMINAL_STATES else None
+
+
+def test_redis_restarted_without_persistence_fails_loudly_and_serves_on(tmp_path: Path, shell_models_dir: Path,
+                                                                        slides_dir: Path) -> None:
+    server = PrivateRedis(tmp_path / "redis-volatile", persist=False)
+    url = server.start()
+    log = (tmp_path / "worker.log").open("wb")
+    settings = make_settings(tmp_path, url, shell_models_dir)
+    worker = subprocess.Popen([sys.executable, "-m", "service.worker"], cwd=REPO_ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, env=dict(os.environ, **settings.to_env()))
+    try:
+        with TestClient(create_app(settings)) as client:
+            job_id = submit(client, slides_dir, BUSY)
+            wait_for("some progress", lambda: state(client, job_id)["tiles_done"] >= 4)
+            server.stop()
+            down = client.get(f"/v1/jobs/{job_id}")  # Redis gone: a clear 503, promptly, not a hang or a 500
+            assert down.status_code == 503 and down.json()["error"] == "QueueUnavailable"
+            assert down.headers["retry-after"] == "5"
+            server.start()  # same port, nothing remembered
+            lost = client.get(f"/v1/jobs/{job_id}")
+            assert lost.status_code == 410 and lost.json()["error"] == "JobLost"
+            assert "submit it again" in lost.json()["detail"]
+            assert client.get(f"/v1/jobs/{job_id}/result").status_code == 404
+            again = submit(client, slides_dir, BUSY)  # the same request is the same job, run afresh
+            assert again == job_id
+            done = wait_for("the resubmitted job", lambda: finished(client, job_id))
+            assert done["state"] == C.STATE_DONE and done["tiles_done"] == done["tiles_total"]
+            assert worker.poll() is None  # the worker survived the empty Redis
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+        server.stop()
+    assert "the queue is gone from Redis" in (tmp_path / "worker.log").read_text()
+
+
+@pytest.mark.parametrize("where", ["chunk", "results"])
+def test_a_full_disk_fails_the_job_cleanly(client: TestClient, settings: Settings, slides_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    import service._finalize
+    import service.pipeline
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        if where == "results":  # the disk fills while the GeoJSON is half written
+            Path(args[0]).write_text('{"type": "FeatureCollection", "features": [')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "chunk":
+        monkeypatch.setattr(service.pipeline, "save_chunk", no_space)
+    else:
+        monkeypatch.setattr(service._finalize, "write_geojson", no_space)
+    job_id = submit(client, slides_dir, {"write_detections": False})
+    worker = Worker(settings)
+    deadline = time.monotonic() + 60
+    while finished(client, job_id) is None:  # bounded retries, each after claim_idle_s
+        assert time.monotonic() < deadline
+        worker.run(burst=True)
+        time.sleep(0.2)
+    failed = state(client, job_id)
+    assert failed["state"] == C.STATE_FAILED
+    assert "No space left on device" in failed["error"] and "storage is full" in failed["error"]
+    for result in ("result", "geojson", "heatmap.png", "heatmap.tif"):
+        resp = client.get(f"/v1/jobs/{job_id}/{result}")
+        assert resp.status_code == 409 and "failed" in resp.json()["detail"], result
+    assert not (settings.jobs_dir / job_id / "result.json").exists()
+    monkeypatch.undo()  # space is freed: the same job runs again and completes
+    assert client.post("/v1/jobs", json={"slide_id": failed["slide_id"],
+                                         "options": {"write_detections": False}}).status_code == 202
+    Worker(settings).run(burst=True)
+    assert state(client, job_id)["state"] == C.STATE_DONE
+    assert client.get(f"/v1/jobs/{job_id}/geojson").json()["type"] == "FeatureCollection"
+
+
+def replace_model(path: Path) -> str:
+    """Swap the model file for a different valid one (same network, other provenance); returns its sha256."""
+    import hashlib
+
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "pixelcam":
+            meta = json.loads(prop.value)
+            meta["provenance"]["export_date"] = "2000-01-01T00:00:00Z"
+            prop.value = json.dumps(meta)
+    tmp = path.with_suffix(".swap")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_some(worker: Worker, n: int) -> None:
+    for _ in range(n):
+        msg = worker.queue.read(worker.name, 100)
+        assert msg is not None
+        worker.handle(msg)
+
+
+@pytest.mark.parametrize("after", ["same-worker", "fresh-worker"])
+def test_a_model_replaced_mid_job_is_never_mixed(client: TestClient, settings: Settings, slides_dir: Path,
+                                                 after: str) -> None:
+    job_id = submit(client, slides_dir, BUSY)
+    started_with = state(client, job_id)["model_sha256"]
+    first = Worker(settings)
+    run_some(first, 3)  # the plan and two chunks with the submitted model
+    assert state(client, job_id)["chunks_done"] == 2
+    new_sha = replace_model(settings.models_dir / "random.onnx")
+    assert new_sha != started_with
+    if after == "same-worker":  # it holds the model it loaded: the job finishes with it, and says so
+        first.run(burst=True)
+        done = state(client, job_id)
+        assert done["state"] == C.STATE_DONE and done["model_sha256"] == started_with
+        result = client.get(f"/v1/jobs/{job_id}/result").json()
+        assert result["provenance"]["model"]["sha256"] == started_with
+    else:  # a worker that would load the new file refuses: the job fails loudly, no result mixes two models
+        Worker(settings).run(burst=True)
+        failed = state(client, job_id)
+        assert failed["state"] == C.STATE_FAILED and "changed since the job was submitted" in failed["error"]
+        assert client.get(f"/v1/jobs/{job_id}/result").status_code == 409
+    first.close()
+    listed = client.get("/v1/models/random").json()
+    assert listed["sha256"] == new_sha and listed["valid"]  # new jobs use the new file
