@@ -81,6 +81,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _git_revision() -> str:
+    """The commit the code was measured at, with '-dirty' when tracked files differ from it."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores usable, RAM, load, OS and versions."""
     return {
@@ -91,6 +107,7 @@ def machine_info() -> dict[str, Any]:
         "loadavg_1_5_15": list(os.getloadavg()),
         "os": platform.platform(),
         "versions": _versions(),
+        "git": _git_revision(),
     }
 
 

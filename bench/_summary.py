@@ -24,7 +24,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     warm, alone, rd = res["analysis"]["warm"], res["model_alone"], res["reading"]
     lines = [
         f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['mem_total_gib']} GiB RAM, "
-        f"load average {m['loadavg_1_5_15'][0]:.2f} at start, {m['loadavg_at_end'][0]:.2f} at end",
+        f"load average {m['loadavg_1_5_15'][0]:.2f} at start, {m['loadavg_at_end'][0]:.2f} at end; "
+        f"code at {m.get('git', 'unknown')}",
         f"threads: predictor intra-op {res['threads']['predictor_intra_op']}, pipeline readers "
         f"{res['analysis']['reader_threads']}, OpenSlide {rd['openslide_threads']}, torch {res['naive']['torch_threads']}",
         f"model: {res['model']['note']}",
