@@ -64,6 +64,7 @@ class TrainConfig:
     bg_area_frac: float = 0.2
     pixel_lambda: float = 1.0
     low_res: bool = False
+    seed_classes: tuple[str, ...] = ()  # image classes whose CAMs give seeds; empty = every class
     # run
     seed: int = 0
     threads: int = 2
@@ -84,6 +85,9 @@ class TrainConfig:
             raise ConfigError(f"cam_method must be 'cam' or 'layercam', got {self.cam_method!r}")
         if self.positive_class not in self.class_names:
             raise ConfigError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
+        unknown_seed = sorted(set(self.seed_classes) - set(self.class_names))
+        if unknown_seed:
+            raise ConfigError(f"seed_classes {unknown_seed} are not in class_names {list(self.class_names)}")
         if not 0 < self.bg_area_frac <= 1:
             raise ConfigError(f"bg_area_frac must be in (0, 1], got {self.bg_area_frac}")
         for name in ("batch_size", "threads", "input_size"):

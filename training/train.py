@@ -25,7 +25,7 @@ from training.config import TrainConfig
 from training.data import Sample, make_train_batch
 from training.evaluate import evaluate_split, to_input
 from training.losses import partial_ce
-from training.pseudo_labels import sample_seeds
+from training.pseudo_labels import IGNORE_INDEX, sample_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,19 @@ def make_scheduler(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def pixel_loss(out_fg: torch.Tensor, cams: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Partial CE on fresh seeds: at input resolution (default) or at feature resolution (`low_res`)."""
+def pixel_loss(
+    out_fg: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> torch.Tensor:
+    """Partial CE on fresh seeds: at input resolution (default) or at feature resolution (`low_res`).
+
+    Images whose class is not in `seed_classes` (when that is set) contribute no seeds.
+    """
     if cfg.low_res:
         cams = F.interpolate(cams[:, None], size=out_fg.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     seeds = sample_seeds(cams, n_fg=cfg.n_fg, n_bg=cfg.n_bg, bg_area_frac=cfg.bg_area_frac, generator=gen)
+    if cfg.seed_classes:
+        keep = torch.tensor([cfg.class_names[int(y)] in cfg.seed_classes for y in labels])
+        seeds[~keep] = IGNORE_INDEX
     return partial_ce(out_fg, seeds)
 
 
@@ -116,7 +124,7 @@ def run_epoch(
         ce = F.cross_entropy(out.class_logits, torch.from_numpy(labels))
         loss = ce
         if cam_np is not None:
-            pce = pixel_loss(out.fg_logits, torch.from_numpy(cam_np), cfg, gen)
+            pce = pixel_loss(out.fg_logits, torch.from_numpy(cam_np), torch.from_numpy(labels), cfg, gen)
             loss = ce + cfg.pixel_lambda * pce
             sums["pce"] += pce.item()
         opt.zero_grad(set_to_none=True)

@@ -50,3 +50,21 @@ def test_batch_without_seeds_gives_zero_with_a_graph() -> None:
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_seed_classes_excludes_other_images_from_the_pixel_loss() -> None:
+    from training.config import make_config
+    from training.train import pixel_loss
+
+    torch.manual_seed(2)
+    logits = torch.randn(2, 2, 4, 4, requires_grad=True)
+    cams = torch.rand(2, 16, 16)
+    labels = torch.tensor([0, 1])
+    cfg = make_config({"seed_classes": ("malignant",)})
+    pixel_loss(logits, cams, labels, cfg, torch.Generator().manual_seed(0)).backward()
+    assert logits.grad is not None
+    assert float(logits.grad[0].abs().sum()) == 0.0 and float(logits.grad[1].abs().sum()) > 0
+    every = make_config({})
+    logits.grad = None
+    pixel_loss(logits, cams, labels, every, torch.Generator().manual_seed(0)).backward()
+    assert float(logits.grad[0].abs().sum()) > 0

@@ -41,13 +41,15 @@ def test_fg_drawn_proportional_to_cam() -> None:
 
 def test_bg_only_from_lowest_area() -> None:
     gen = _gen(2)
+    n_bg = 0
     for _ in range(50):
-        cam = torch.rand(2, 40, 40)
+        cam = torch.rand(2, 40, 40, generator=gen)
         seeds = sample_seeds(cam, n_fg=5, n_bg=5, bg_area_frac=0.2, generator=gen)
         for c, s in zip(cam, seeds, strict=True):
             cutoff = torch.sort(c.flatten()).values[int(0.2 * 1600) - 1]
-            assert int((s == BG).sum()) == 5
+            n_bg += int((s == BG).sum())  # 5, unless a fg draw landed on a bg seed (both dropped)
             assert bool((c[s == BG] <= cutoff).all())
+    assert 480 <= n_bg <= 500
 
 
 def test_bg_area_fraction_option_widens_the_pool() -> None:
