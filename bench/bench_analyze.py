@@ -154,6 +154,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "note": model_note,
     }
     predictor = Predictor(onnx_path, threads=threads)
+    results["model"]["sha256"] = predictor.sha256
     in_side = predictor.input_size
     work = Path(tempfile.mkdtemp(prefix="pixelcam-bench-", dir=BENCH_OUT))
     plan = plan_for(small, predictor, work / "job-small")
