@@ -1,0 +1,238 @@
+"""Load test of a running `pixelcam serve`: many concurrent job submissions and Deep Zoom tile requests.
+
+Starts `pixelcam serve` (embedded Redis, local workers, a throwaway storage folder) on 127.0.0.1, uploads one
+slide, then at the same time
+- `wrk` hammers the slide's Deep Zoom tiles (every tile of every level, round robin) for `--tile-seconds`, and
+- an asyncio httpx client sends `--submissions` job requests with `--concurrency` in flight: `--jobs` distinct
+  jobs (different `min_tissue`), each asked for several times (idempotent), plus raw `/v1/analyze` uploads;
+then waits until every job has finished. Everything must succeed: any error, non-2xx or failed job fails the run.
+
+    .venv/bin/python bench/bench_load.py [--jobs 12] [--submissions 240] [--concurrency 32] [--workers 1]
+
+Prints a JSON report and writes it to bench/_out/bench_load-<time>.json. Only 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info  # noqa: E402
+
+logger = logging.getLogger("bench_load")
+
+TILE_SIZE = 254  # service/api/tiles.py
+_WRK_SCRIPT = """
+paths = {%s}
+i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", paths[(i %% #paths) + 1])
+end
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(storage: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
+    """`pixelcam serve` with its own storage and embedded Redis; waits until /readyz answers 200."""
+    env = dict(os.environ, PIXELCAM_STORAGE_DIR=str(storage), PIXELCAM_PORT=str(port), PIXELCAM_HOST="127.0.0.1",
+               PIXELCAM_WORKERS=str(workers), PIXELCAM_LOG_LEVEL="WARNING")
+    env.pop("PIXELCAM_REDIS_URL", None)
+    log = (storage.parent / "serve.log").open("wb")
+    exe = shutil.which("pixelcam", path=str(Path(sys.executable).parent)) or "pixelcam"
+    proc = subprocess.Popen([exe, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"pixelcam serve exited ({proc.returncode}); see {storage.parent / 'serve.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise BenchError("pixelcam serve did not become ready within 120 s")
+
+
+def tile_paths(slide_id: str, width: int, height: int) -> list[str]:
+    """Every Deep Zoom tile of the slide, level by level."""
+    max_level = math.ceil(math.log2(max(width, height)))
+    paths = []
+    for level in range(max_level + 1):
+        scale = 2 ** (max_level - level)
+        lw, lh = math.ceil(width / scale), math.ceil(height / scale)
+        for row in range(math.ceil(lh / TILE_SIZE)):
+            for col in range(math.ceil(lw / TILE_SIZE)):
+                paths.append(f"/v1/slides/{slide_id}_files/{level}/{col}_{row}.jpeg")
+    return paths
+
+
+def run_wrk(base: str, paths: list[str], seconds: int, connections: int, workdir: Path) -> subprocess.Popen[str]:
+    """Start wrk on the tile paths (round robin); returns the running process."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise BenchError("wrk is not installed: `apt-get install -y wrk`")
+    script = workdir / "tiles.lua"
+    script.write_text(_WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
+    cmd = [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script), base]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """Requests, rate, latency percentiles and every kind of error from wrk's summary."""
+    def number(pattern: str) -> float | None:
+        found = re.search(pattern, text)
+        return float(found.group(1)) if found else None
+
+    def latency_ms(label: str) -> float | None:
+        found = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not found:
+            return None
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+        return round(float(found.group(1)) * scale, 3)
+
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return {
+        "requests": int(number(r"(\d+) requests in") or 0),
+        "requests_per_s": number(r"Requests/sec:\s+([\d.]+)"),
+        "latency_ms": {p: latency_ms(p) for p in ("50%", "90%", "99%")},
+        "non_2xx": int(number(r"Non-2xx or 3xx responses: (\d+)") or 0),
+        "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0,
+    }
+
+
+async def submit_all(base: str, slide_id: str, slide_bytes: bytes, n_jobs: int, submissions: int,
+                     concurrency: int) -> dict[str, Any]:
+    """Send the job requests with `concurrency` in flight; every answer must be 200/202."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    job_ids: set[str] = set()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        options = {"min_tissue": round(0.05 + 0.03 * (i % n_jobs), 2), "write_detections": False}
+        async with sem:
+            t0 = time.perf_counter()
+            if i % 10 == 9:  # one in ten uploads the slide again with the request (deduplicated by hash)
+                resp = await client.post("/v1/analyze", content=slide_bytes,
+                                         params={"filename": "slide.svs", "options": json.dumps(options)})
+            else:
+                resp = await client.post("/v1/jobs", json={"slide_id": slide_id, "options": options})
+            latencies.append(time.perf_counter() - t0)
+        statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+        if resp.status_code in (200, 202):
+            job_ids.add(resp.json()["job_id"])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+        await asyncio.gather(*(one(client, i) for i in range(submissions)))
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "submissions": submissions, "concurrency": concurrency, "distinct_jobs": len(job_ids),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())}, "wall_s": round(wall, 3),
+        "per_s": round(submissions / wall, 1),
+        "latency_ms": {"p50": round(1000 * statistics.median(latencies), 1),
+                       "p95": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
+                       "max": round(1000 * latencies[-1], 1)},
+        "job_ids": sorted(job_ids),
+    }
+
+
+def wait_jobs(base: str, job_ids: list[str], timeout_s: float) -> dict[str, Any]:
+    """Poll until every job has finished; their states, tiles and the time the last one took."""
+    t0 = time.perf_counter()
+    states: dict[str, dict[str, Any]] = {}
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while time.perf_counter() - t0 < timeout_s:
+            states = {j: client.get(f"/v1/jobs/{j}").json() for j in job_ids}
+            if all(s["state"] in ("done", "failed", "cancelled") for s in states.values()):
+                break
+            time.sleep(0.5)
+    by_state: dict[str, int] = {}
+    for s in states.values():
+        by_state[s["state"]] = by_state.get(s["state"], 0) + 1
+    tiles = sum(s.get("tiles_done") or 0 for s in states.values())
+    wall = time.perf_counter() - t0
+    return {"states": by_state, "tiles_done": tiles, "wait_after_submissions_s": round(wall, 1),
+            "errors": sorted({s["error"] for s in states.values() if s.get("error")})}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slide", type=Path, default=None, help="slide to upload (default: the CMU crop)")
+    parser.add_argument("--jobs", type=int, default=12, help="distinct jobs")
+    parser.add_argument("--submissions", type=int, default=240, help="job requests in all")
+    parser.add_argument("--concurrency", type=int, default=32, help="job requests in flight")
+    parser.add_argument("--tile-seconds", type=int, default=20, help="how long wrk requests tiles")
+    parser.add_argument("--tile-connections", type=int, default=32, help="wrk connections")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes of pixelcam serve")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data_dir = Path(os.environ.get("PIXELCAM_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    slide = args.slide or data_dir / "slides" / "CMU-1-Small-Region.svs"
+    work = Path(tempfile.mkdtemp(prefix="pixelcam-load-"))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(work / "storage", port, args.workers)
+    try:
+        slide_bytes = slide.read_bytes()
+        uploaded = httpx.post(f"{base}/v1/slides", content=slide_bytes, params={"filename": slide.name}, timeout=60)
+        uploaded.raise_for_status()
+        info = uploaded.json()
+        width, height = info["info"]["l0_size_wh"]
+        paths = tile_paths(info["slide_id"], width, height)
+        logger.info("slide %s: %d tiles; wrk for %d s while %d job requests go out", slide.name, len(paths),
+                    args.tile_seconds, args.submissions)
+        wrk = run_wrk(base, paths, args.tile_seconds, args.tile_connections, work)
+        submitted = asyncio.run(submit_all(base, info["slide_id"], slide_bytes, args.jobs, args.submissions,
+                                           args.concurrency))
+        finished = wait_jobs(base, submitted["job_ids"], timeout_s=1800)
+        wrk_out, _ = wrk.communicate(timeout=args.tile_seconds + 60)
+        tiles = parse_wrk(wrk_out)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    report = {
+        "bench": "bench_load", "machine": machine_info(), "slide": slide.name, "workers": args.workers,
+        "tile_paths": len(paths), "tiles": tiles, "submissions": {k: v for k, v in submitted.items() if k != "job_ids"},
+        "jobs": finished,
+    }
+    ok = (set(submitted["statuses"]) <= {"200", "202"} and finished["states"] == {"done": len(submitted["job_ids"])}
+          and tiles["requests"] > 0 and tiles["non_2xx"] == 0 and tiles["socket_errors"] == 0)
+    report["all_ok"] = ok
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    out = BENCH_OUT / f"bench_load-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
