@@ -221,7 +221,7 @@ def owned_job_ids(queue: JobQueue, who: Principal, limit: int) -> list[str]:
 def active_jobs(queue: JobQueue, who: Principal) -> int:
     """How many of the key's jobs are unfinished (finished ones are dropped from the active set on the way)."""
     key = queue.settings.key(C.OWNER_ACTIVE_KEY, key_id=who.key_id)
-    job_ids = sorted(queue.r.smembers(key))  # type: ignore[arg-type]
+    job_ids: list[str] = sorted(str(j) for j in queue.r.smembers(key))  # type: ignore[union-attr]
     if not job_ids:
         return 0
     with queue.r.pipeline(transaction=False) as pipe:
