@@ -133,6 +133,9 @@ def serve(settings: Settings) -> int:
     from service.api import create_app
 
     _configure_logging(settings)
+    if not settings.api_key_list and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("the API listens on %s without API keys: anyone who reaches it can upload, analyse and read "
+                       "results; set PIXELCAM_API_KEYS (docs/reliability.md)", settings.host)
     storage = Path(settings.storage_dir).resolve()
     settings = settings.model_copy(update={"storage_dir": storage})
     private: PrivateRedis | None = None
