@@ -145,14 +145,8 @@ class SecurityMiddleware:
         if self._keys:
             token, from_query = _token_of(scope)
             principal = self._lookup(token) if token else None
-            if principal is None and not open_path:
-                what = "an unknown API key" if token else "no API key"
-                await _send_error(send, 401, "Unauthorized",
-                                  f"this server needs an API key and the request carries {what}; send "
-                                  "`Authorization: Bearer <key>` (browsers: open the page once with ?api_key=<key>)",
-                                  {"WWW-Authenticate": "Bearer"})
-                return
         if not open_path:
+            # requests without a valid key are counted per client address: guessing keys is rate-limited too
             who = principal.key_id if principal and principal.authenticated else _client(scope)
             wait_s = self.limiter.take(who)
             if wait_s > 0:
@@ -160,6 +154,13 @@ class SecurityMiddleware:
                                   f"more than {self.settings.rate_limit_per_s:g} requests/s from this key; slow "
                                   f"down and retry after {wait_s:.1f} s (PIXELCAM_RATE_LIMIT_PER_S)",
                                   {"Retry-After": str(max(1, int(wait_s + 0.999)))})
+                return
+            if principal is None:
+                what = "an unknown API key" if token else "no API key"
+                await _send_error(send, 401, "Unauthorized",
+                                  f"this server needs an API key and the request carries {what}; send "
+                                  "`Authorization: Bearer <key>` (browsers: open the page once with ?api_key=<key>)",
+                                  {"WWW-Authenticate": "Bearer"})
                 return
         scope.setdefault("state", {})["principal"] = principal or ANONYMOUS
         if from_query and principal is not None:

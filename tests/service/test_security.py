@@ -124,6 +124,8 @@ def test_request_rate_is_limited_per_key_with_retry_after(tmp_path: Path, redis_
         assert last.status_code == 429 and last.json()["error"] == "RateLimited"
         assert 1 <= int(last.headers["retry-after"]) <= 2
         assert c.get("/v1/jobs", headers=auth(KEY_B)).status_code == 200  # each key has its own budget
+        guesses = [c.get("/v1/jobs", headers=auth(f"guess-{i:016d}")).status_code for i in range(4)]
+        assert guesses == [401, 401, 401, 429]  # guessing keys spends the client address's budget
         assert all(c.get("/healthz").status_code == 200 for _ in range(5))  # probes are never limited
 
 
