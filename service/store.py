@@ -37,6 +37,9 @@ _EXT_RE = re.compile(r"^\.[a-z0-9]{1,10}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _JOB_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# formats whose slide is a set of files: the named file alone can never be opened
+_MULTI_FILE = {".mrxs": "3DHISTECH MIRAX (.mrxs + a folder of .dat files)",
+               ".vms": "Hamamatsu VMS (.vms + its JPEG files)", ".vmu": "Hamamatsu VMU (.vmu + its data files)"}
 
 
 def is_sha256(text: str) -> bool:
@@ -114,6 +117,13 @@ class Upload:
             existing = self.store.find(slide_id)
             if existing is not None:
                 return existing
+            if self.ext in _MULTI_FILE:
+                raise InvalidUpload(
+                    f"a {_MULTI_FILE[self.ext]} slide is several files (the {self.ext} file is only its index), so "
+                    "one upload cannot carry it; convert the scan to a single-file format first, e.g. "
+                    "`vips tiffsave in" + self.ext + " out.tif --tile --pyramid --compression jpeg` (keeps the "
+                    "resolution), then upload out.tif"
+                )
             info = self.store.validate(self.tmp_path)
             meta = {"slide_id": slide_id, "filename": self.original_name, "file": self.tmp_path.name,
                     "size_bytes": self.size_bytes, "info": info}

@@ -79,6 +79,7 @@ CASES: list[tuple[str, str, Callable[[Path, Path], bytes], str]] = [
      "fluorescence"),
     ("non-conformant-dicom", "small_dicom.dcm",
      lambda s, t: (s / "dicom_pathml_small" / "small_dicom.dcm").read_bytes(), "non-conformant"),
+    ("one-file-of-an-mrxs", "CMU-1.mrxs", lambda s, t: photo("JPEG"), "one upload cannot carry it"),
     ("one-file-of-a-dicom-series", "boxes_1.dcm", lambda s, t: (s / "dicom_boxes" / "boxes_1.dcm").read_bytes(),
      "every instance of the series"),
 ]
