@@ -40,6 +40,7 @@ TERMINAL_STATES: Final = frozenset({STATE_DONE, STATE_FAILED, STATE_CANCELLED})
 CLAIM_IDLE_S: Final = 60.0  # a message unacknowledged this long belongs to a dead worker and is reclaimed
 HEARTBEAT_S: Final = 10.0  # a running worker refreshes its message's idle time this often
 BLOCK_MS: Final = 1000  # how long XREADGROUP waits for new messages
+REDIS_TIMEOUT_S: Final = 30.0  # any Redis reply (workers add their blocking read time on top)
 MAX_ATTEMPTS: Final = 3  # deliveries/failures of one message before the job is marked failed
 EVENTS_POLL_S: Final = 0.5  # how often the server-sent-event stream looks at the job
 WORKER_ALIVE_TTL_S: Final = 60.0  # a worker not seen for this long is not counted as alive

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=constants.HEARTBEAT_S, gt=0, description="how often a busy worker says it is alive")
     max_attempts: int = Field(default=constants.MAX_ATTEMPTS, gt=0, description="tries of one chunk before the job fails")
     block_ms: int = Field(default=constants.BLOCK_MS, gt=0, description="how long a worker waits on an empty queue")
+    redis_timeout_s: float = Field(default=constants.REDIS_TIMEOUT_S, gt=0,
+                                   description="longest wait for any Redis reply before the call fails (no hangs)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level of entrypoints")
     # security and limits (docs/reliability.md)
     api_keys: str = Field(default="", repr=False,

@@ -70,7 +70,7 @@ class Worker:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None, name: str | None = None) -> None:
         self.settings = settings
-        timeout_s = max(30.0, settings.block_ms / 1000 + 10.0)  # a blocking read must not look like a hang
+        timeout_s = settings.redis_timeout_s + settings.block_ms / 1000  # a blocking read is not a hang
         self.queue = JobQueue(client or connect(settings.redis_url, socket_timeout_s=timeout_s), settings)
         self.queue.ensure_group()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

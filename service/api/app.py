@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise errors.QueueUnavailable(
                 "the API needs PIXELCAM_REDIS_URL; `pixelcam serve` sets it (starting a private Redis when empty)"
             )
-        client = connect(settings.redis_url)
+        client = connect(settings.redis_url, socket_timeout_s=settings.redis_timeout_s)
         queue = JobQueue(client, settings)
         queue.ensure_group()
         registry = ModelRegistry(settings.models_dir, settings.default_model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import onnx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service import constants as C
@@ -97,6 +99,33 @@ def test_redis_restarted_without_persistence_fails_loudly_and_serves_on(tmp_path
         worker.wait(timeout=20)
         server.stop()
     assert "the queue is gone from Redis" in (tmp_path / "worker.log").read_text()
+
+
+def test_a_hung_redis_fails_requests_within_the_timeout_and_recovers(tmp_path: Path, shell_models_dir: Path,
+                                                                     slides_dir: Path) -> None:
+    server = PrivateRedis(tmp_path / "redis-hung", persist=False)
+    url = server.start()
+    settings = make_settings(tmp_path, url, shell_models_dir, redis_timeout_s=0.5)
+    pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+    try:
+        with TestClient(create_app(settings)) as client:
+            job_id = submit(client, slides_dir, {"write_detections": False})
+            os.kill(pid, signal.SIGSTOP)  # Redis accepts connections but never answers
+            try:
+                t0 = time.monotonic()
+                hung = client.get(f"/v1/jobs/{job_id}")
+                waited = time.monotonic() - t0
+                ready = client.get("/readyz")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert hung.status_code == 503 and hung.json()["error"] == "QueueUnavailable"
+            assert waited < 30  # bounded by PIXELCAM_REDIS_TIMEOUT_S and the client's few retries, not forever
+            assert ready.status_code == 503 and "unreachable" in ready.json()["checks"]["redis"]
+            assert state(client, job_id)["state"] == C.STATE_QUEUED  # answered again once Redis is back
+            Worker(settings).run(burst=True)
+            assert state(client, job_id)["state"] == C.STATE_DONE
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("where", ["chunk", "results"])
