@@ -17,12 +17,13 @@ from schemathesis.generation import GenerationMode
 
 from service.api import create_app
 from service.settings import Settings
+from service.worker import Worker
 from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
 from tests.service.conftest_redis import make_settings
 
 pytestmark = pytest.mark.redis
 
-MAX_EXAMPLES = 8  # per operation and mode: about 20 operations, a few hundred requests, well under a minute
+MAX_EXAMPLES = 8  # per operation, mode and id kind: a few hundred requests, well under a minute
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +33,23 @@ def fuzz_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str, rand
     models.mkdir()
     (models / "random.onnx").write_bytes(random_model_path.read_bytes())
     # small limits so that generated bodies exercise them; a high request rate so that the limiter stays out of it
-    return make_settings(root, redis_url, models, max_upload_bytes=1 << 20, upload_idle_timeout_s=5.0)
+    return make_settings(root, redis_url, models, max_upload_bytes=4 << 20, upload_idle_timeout_s=5.0)
 
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_settings: Settings, slides_dir: Path) -> Iterator[Any]:
     app = create_app(fuzz_settings)
     with TestClient(app) as client:  # runs the lifespan (Redis, stores) for the whole module
-        slide = client.post("/v1/slides", content=(slides_dir / "small_16x16.svs").read_bytes(),
-                            params={"filename": "small.svs"})
+        slide = client.post("/v1/slides", content=(slides_dir / "CMU-1-Small-Region.svs").read_bytes(),
+                            params={"filename": "cmu.svs"})
         assert slide.status_code == 201, slide.text
-        assert client.post("/v1/jobs", json={"slide_id": slide.json()["slide_id"]}).status_code == 202
-        yield schemathesis.openapi.from_asgi("/openapi.json", app)
+        job = client.post("/v1/jobs", json={"slide_id": slide.json()["slide_id"],
+                                            "options": {"write_detections": False}})
+        assert job.status_code == 202, job.text
+        Worker(fuzz_settings).run(burst=True)  # a finished job: results and overlays exist to be fuzzed
+        assert client.get(f"/v1/jobs/{job.json()['job_id']}").json()["state"] == "done"
+        ids = {"slide_id": slide.json()["slide_id"], "job_id": job.json()["job_id"]}
+        yield schemathesis.openapi.from_asgi("/openapi.json", app), ids
 
 
 def _modes(operation: Any) -> tuple[GenerationMode, ...]:
@@ -56,15 +62,23 @@ def _modes(operation: Any) -> tuple[GenerationMode, ...]:
     return (GenerationMode.POSITIVE,)
 
 
-def test_no_input_gives_a_server_error(api_schema: Any) -> None:
+def _runs(operation: Any, ids: dict[str, str]) -> list[tuple[GenerationMode, dict[str, str] | None]]:
+    """Generated ids (mostly 404s), and, for routes under a slide or job, the real ones (tiles, results...)."""
+    names = {p.name for p in operation.path_parameters}
+    real = {k: v for k, v in ids.items() if k in names}
+    return [(mode, fixed) for fixed in ([None, real] if real else [None]) for mode in _modes(operation)]
+
+
+def test_no_input_gives_a_server_error(api_schema: tuple[Any, dict[str, str]]) -> None:
     # schemathesis' own pytest plugin does not run under pytest 9 (it reads `Function._nodeid`), so each
     # operation's strategies are driven by hypothesis here: valid inputs and inputs that break the schema
+    schema, ids = api_schema
     seen: list[str] = []
-    for result in api_schema.get_all_operations():
+    for result in schema.get_all_operations():
         operation = result.ok()
-        for mode in _modes(operation):
+        for mode, fixed in _runs(operation, ids):
 
-            @given(case=operation.as_strategy(generation_mode=mode))
+            @given(case=operation.as_strategy(generation_mode=mode, path_parameters=fixed))
             @hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
                                  suppress_health_check=list(HealthCheck))
             def check(case: Any) -> None:
