@@ -146,7 +146,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         name = "NotFound" if err.status_code == 404 else "HTTPError"
-        return JSONResponse({"error": name, "detail": str(err.detail)}, status_code=err.status_code,
+        detail = str(err.detail)
+        if err.status_code == 400 and "parsing the body" in detail:  # FastAPI's words for undecodable bytes
+            name, detail = "InvalidBody", ("the request body could not be decoded; send a UTF-8 JSON object with "
+                                           "Content-Type: application/json")
+        return JSONResponse({"error": name, "detail": detail}, status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -128,6 +128,8 @@ def test_wrong_content_types_are_refused_clearly(client: TestClient, settings: S
     assert as_json.status_code == 415 and "not a slide" in as_json.json()["detail"]
     job_as_text = client.post("/v1/jobs", content=b"slide_id=abc", headers={"Content-Type": "text/plain"})
     assert job_as_text.status_code == 422 and job_as_text.json()["error"] == "ValidationError"
+    not_utf8 = client.post("/v1/jobs", content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
+    assert not_utf8.status_code == 400 and "UTF-8 JSON object" in not_utf8.json()["detail"]
     assert stored_files(settings) == []
 
 
