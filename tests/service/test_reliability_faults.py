@@ -212,3 +212,13 @@ def test_a_model_replaced_mid_job_is_never_mixed(client: TestClient, settings: S
     first.close()
     listed = client.get("/v1/models/random").json()
     assert listed["sha256"] == new_sha and listed["valid"]  # new jobs use the new file
+
+
+def test_a_slide_gone_from_the_storage_fails_its_job_with_the_reason(client: TestClient, settings: Settings,
+                                                                      slides_dir: Path) -> None:
+    job_id = submit(client, slides_dir, {"write_detections": False})
+    slide_id = state(client, job_id)["slide_id"]
+    (settings.slides_dir / slide_id / "slide.svs").unlink()  # someone cleaned the shared storage by hand
+    Worker(settings).run(burst=True)
+    failed = state(client, job_id)
+    assert failed["state"] == C.STATE_FAILED and "does not exist" in failed["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -14,6 +15,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -225,3 +227,20 @@ def test_a_trickling_upload_blocks_no_one_and_is_dropped_when_idle(live_server: 
     assert status == 408 and body["error"] == "UploadTimeout" and "PIXELCAM_UPLOAD_IDLE_TIMEOUT_S" in body["detail"]
     assert list(settings.slides_dir.iterdir()) == []  # the partial file is gone
     assert _get(host, port, "/healthz")[0] == 200
+
+
+def test_concurrent_uploads_of_the_same_bytes_store_one_slide(live_server: tuple[str, int, Settings],
+                                                              slides_dir: Path) -> None:
+    host, port, settings = live_server
+    data = (slides_dir / SLIDE).read_bytes()
+
+    async def upload_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/slides", content=data, params={"filename": f"{i}.svs"})
+                                          for i in range(8)))
+
+    answers = asyncio.run(upload_all())
+    assert sorted(r.status_code for r in answers) == [200] * 7 + [201]
+    assert len({r.json()["slide_id"] for r in answers}) == 1
+    assert stored_files(settings) == sorted([answers[0].json()["slide_id"], f"{answers[0].json()['slide_id']}/info.json",
+                                             f"{answers[0].json()['slide_id']}/slide.svs"])
