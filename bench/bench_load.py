@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -56,10 +57,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(storage: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
+def start_server(storage: Path, port: int, workers: int, api_key: str = "") -> subprocess.Popen[bytes]:
     """`pixelcam serve` with its own storage and embedded Redis; waits until /readyz answers 200."""
     env = dict(os.environ, PIXELCAM_STORAGE_DIR=str(storage), PIXELCAM_PORT=str(port), PIXELCAM_HOST="127.0.0.1",
-               PIXELCAM_WORKERS=str(workers), PIXELCAM_LOG_LEVEL="WARNING")
+               PIXELCAM_WORKERS=str(workers), PIXELCAM_LOG_LEVEL="WARNING", PIXELCAM_API_KEYS=api_key)
     env.pop("PIXELCAM_REDIS_URL", None)
     log = (storage.parent / "serve.log").open("wb")
     exe = shutil.which("pixelcam", path=str(Path(sys.executable).parent)) or "pixelcam"
@@ -91,14 +92,18 @@ def tile_paths(slide_id: str, width: int, height: int) -> list[str]:
     return paths
 
 
-def run_wrk(base: str, paths: list[str], seconds: int, connections: int, workdir: Path) -> subprocess.Popen[str]:
+def run_wrk(base: str, paths: list[str], seconds: int, connections: int, workdir: Path,
+            headers: dict[str, str]) -> subprocess.Popen[str]:
     """Start wrk on the tile paths (round robin); returns the running process."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise BenchError("wrk is not installed: `apt-get install -y wrk`")
     script = workdir / "tiles.lua"
     script.write_text(_WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
-    cmd = [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script), base]
+    cmd = [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script)]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    cmd.append(base)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -126,7 +131,7 @@ def parse_wrk(text: str) -> dict[str, Any]:
 
 
 async def submit_all(base: str, slide_id: str, slide_bytes: bytes, n_jobs: int, submissions: int,
-                     concurrency: int) -> dict[str, Any]:
+                     concurrency: int, headers: dict[str, str]) -> dict[str, Any]:
     """Send the job requests with `concurrency` in flight; every answer must be 200/202."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
@@ -149,7 +154,7 @@ async def submit_all(base: str, slide_id: str, slide_bytes: bytes, n_jobs: int, 
             job_ids.add(resp.json()["job_id"])
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120, headers=headers) as client:
         await asyncio.gather(*(one(client, i) for i in range(submissions)))
     wall = time.perf_counter() - t0
     latencies.sort()
@@ -164,11 +169,11 @@ async def submit_all(base: str, slide_id: str, slide_bytes: bytes, n_jobs: int, 
     }
 
 
-def wait_jobs(base: str, job_ids: list[str], timeout_s: float) -> dict[str, Any]:
+def wait_jobs(base: str, job_ids: list[str], timeout_s: float, headers: dict[str, str]) -> dict[str, Any]:
     """Poll until every job has finished; their states, tiles and the time the last one took."""
     t0 = time.perf_counter()
     states: dict[str, dict[str, Any]] = {}
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
         while time.perf_counter() - t0 < timeout_s:
             states = {j: client.get(f"/v1/jobs/{j}").json() for j in job_ids}
             if all(s["state"] in ("done", "failed", "cancelled") for s in states.values()):
@@ -192,27 +197,32 @@ def main() -> int:
     parser.add_argument("--tile-seconds", type=int, default=20, help="how long wrk requests tiles")
     parser.add_argument("--tile-connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes of pixelcam serve")
+    parser.add_argument("--api-key", action="store_true", help="run with PIXELCAM_API_KEYS set (bearer tokens)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     data_dir = Path(os.environ.get("PIXELCAM_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
     slide = args.slide or data_dir / "slides" / "CMU-1-Small-Region.svs"
     work = Path(tempfile.mkdtemp(prefix="pixelcam-load-"))
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(work / "storage", port, args.workers)
+    api_key = secrets.token_urlsafe(32) if args.api_key else ""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    server = start_server(work / "storage", port, args.workers, api_key)
     try:
         slide_bytes = slide.read_bytes()
-        uploaded = httpx.post(f"{base}/v1/slides", content=slide_bytes, params={"filename": slide.name}, timeout=60)
+        uploaded = httpx.post(f"{base}/v1/slides", content=slide_bytes, params={"filename": slide.name}, timeout=60,
+                              headers=headers)
         uploaded.raise_for_status()
         info = uploaded.json()
         width, height = info["info"]["l0_size_wh"]
         paths = tile_paths(info["slide_id"], width, height)
         logger.info("slide %s: %d tiles; wrk for %d s while %d job requests go out", slide.name, len(paths),
                     args.tile_seconds, args.submissions)
-        wrk = run_wrk(base, paths, args.tile_seconds, args.tile_connections, work)
+        wrk = run_wrk(base, paths, args.tile_seconds, args.tile_connections, work, headers)
         submitted = asyncio.run(submit_all(base, info["slide_id"], slide_bytes, args.jobs, args.submissions,
-                                           args.concurrency))
-        finished = wait_jobs(base, submitted["job_ids"], timeout_s=1800)
+                                           args.concurrency, headers))
+        finished = wait_jobs(base, submitted["job_ids"], timeout_s=1800, headers=headers)
         wrk_out, _ = wrk.communicate(timeout=args.tile_seconds + 60)
         tiles = parse_wrk(wrk_out)
     finally:
@@ -220,6 +230,7 @@ def main() -> int:
         server.wait(timeout=60)
     report = {
         "bench": "bench_load", "machine": machine_info(), "slide": slide.name, "workers": args.workers,
+        "api_keys": bool(api_key),
         "tile_paths": len(paths), "tiles": tiles, "submissions": {k: v for k, v in submitted.items() if k != "job_ids"},
         "jobs": finished,
     }
