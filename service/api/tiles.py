@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -204,6 +205,10 @@ class _TileState:
 
 
 _STATE_LOCK = threading.Lock()
+# Tile renders are CPU work: at most a few at once, so that a burst of viewer requests on a small machine leaves
+# the API's threads (and the GIL) free to answer everything else; cache hits never wait here.
+_RENDER_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                               else (os.cpu_count() or 2)))
 
 
 def get_tile_state(request: Request) -> _TileState:
@@ -289,12 +294,12 @@ def slide_tile(slide_id: str, level: LevelParam, col: ColParam, row: RowParam, f
         cached = state.slide_tiles.get(key)
         if cached is not None:
             return cached  # type: ignore[no-any-return]
-        with state.slides.borrow(path) as slide:
+        with _RENDER_SLOTS, state.slides.borrow(path) as slide:
             try:
                 pixels = render_slide_tile(slide, geometry, level, col, row)
             except SlideError as err:
                 raise InvalidRequest(f"slide {slide_id} could not be read at tile {level}/{col}_{row}: {err}") from err
-        data = encode_tile(pixels, kind)
+            data = encode_tile(pixels, kind)
         state.slide_tiles.put(key, data, len(data))
         return data
 
