@@ -103,6 +103,8 @@ class SplitResult:
         out: dict[str, Any] = {"accuracy": self.accuracy, "n_images": self.n_images, "n_masked": self.n_masked}
         if self.n_masked:
             out["pxap"] = self.counts.pxap()
+            n_pos, n_neg = int(self.counts.pos_hist.sum()), int(self.counts.neg_hist.sum())
+            out["fg_fraction"] = 100.0 * n_pos / max(1, n_pos + n_neg)  # the PxAP of any constant map
             if tau_index is not None:
                 out.update(self.counts.scores_at(tau_index))
         return out
