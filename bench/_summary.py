@@ -36,9 +36,15 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         f"pipeline efficiency {r['pipeline_efficiency']:.3f} ({_verdict('pipeline_efficiency', r['pipeline_efficiency'])})"
         f"; in CPU-s/tile {r['pipeline_efficiency_cpu']:.3f}; share of the analysis wall time inside predict "
         f"{r.get('in_model_share', float('nan')):.3f}",
-        f"  analyze_slide (warm): {_rate(warm)}; phases {warm.get('phases_s', {})}",
-        f"  model alone, batch {alone['batch']}: mean {alone['mean_per_s']:.2f} tiles/s "
-        f"(before: {_rate(alone['before'])}; after: {_rate(alone['after'])})",
+        f"  analyze_slide (warm), mean of {len(res['analysis']['runs'])}: {_rate(warm)}; per-run efficiency "
+        f"against the model runs around it: {res['analysis']['pair_efficiencies']}",
+        *[
+            f"    analysis {k}: {_rate(a)}; phases {a.get('phases_s', {})}"
+            for k, a in enumerate(res["analysis"]["runs"])
+        ],
+        f"  model alone, batch {alone['batch']}: mean {alone['mean_per_s']:.2f} tiles/s, "
+        f"{alone['mean_cpu_s_per_tile']:.4f} CPU-s/tile",
+        *[f"    model run {k}: {_rate(m)}" for k, m in enumerate(alone["runs"])],
         f"reading ratio {r['reading_ratio']:.2f} ({_verdict('reading_ratio', r['reading_ratio'])})"
         f"; in CPU-s/tile {r['reading_ratio_cpu']:.2f}",
         f"  pipeline read path, no-op model: {_rate(rd['pipeline_noop_model'])}",

@@ -5,7 +5,7 @@ Usage: ``python bench/bench_analyze.py [--width 24000 --height 24000] [--threads
 Prints and writes as JSON, all measured in this one run on one generated slide:
 
 - pipeline efficiency: ``analyze_slide`` tissue tiles/s (warm) / the same ONNX model alone on pre-decoded uint8
-  batches, same predictor threads;
+  batches, same predictor threads; the median over analyses, each against the model-alone runs around it;
 - reading ratio: the pipeline's read + decode + resize path with a no-op model / OpenSlide ``read_region``
   (+ RGBA->RGB + the same resize) on the same tiles with the same number of threads;
 - the ratio against the naive loop: OpenSlide ``read_region`` + torch eager, batch 1, the same network weights
@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -181,23 +182,38 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results["model"]["parity_torch_vs_onnx"] = parity
     batch = int(getattr(_options(), "batch_size", 16))
     n_model = min(n_small, args.model_tiles)
-    # Order: the model alone before and after everything that shares the CPU, so drift on a shared machine
-    # shows up as the difference between the two.
-    model_a = measure_model_alone(predictor, tiles, n_model, batch)
+    # The reading paths first (they also warm the page cache), then the model alone and the analysis in
+    # alternation: each analysis is compared with the mean of the model-alone runs just before and after it,
+    # so load drift on a shared machine hits both sides of each ratio alike.
     pipe_read = measure_pipeline_reading(small, plan, NoopPredictor(predictor))
     osl_read = measure_openslide_reading(small, plan, in_side, threads)
-    warm = measure_analysis(small, predictor, work / "run-warm", n_small)
-    model_b = measure_model_alone(predictor, tiles, n_model, batch)
-    model_per_s = (model_a["per_s"] + model_b["per_s"]) / 2
-    model_cpu = (model_a["cpu_s_per_item"] + model_b["cpu_s_per_item"]) / 2
+    model_runs = [measure_model_alone(predictor, tiles, n_model, batch)]
+    analysis_runs: list[dict[str, Any]] = []
+    for k in range(args.repeats):
+        analysis_runs.append(measure_analysis(small, predictor, work / f"run-warm-{k}", n_small))
+        model_runs.append(measure_model_alone(predictor, tiles, n_model, batch))
+    pair_eff = [
+        _ratio(a["per_s"], (model_runs[k]["per_s"] + model_runs[k + 1]["per_s"]) / 2)
+        for k, a in enumerate(analysis_runs)
+    ]
+    model_cpu = statistics.mean(m["cpu_s_per_item"] for m in model_runs)
     results["model_alone"] = {
         "batch": batch,
-        "before": model_a,
-        "after": model_b,
-        "mean_per_s": model_per_s,
+        "runs": model_runs,
+        "mean_per_s": round(statistics.mean(m["per_s"] for m in model_runs), 3),
         "mean_cpu_s_per_tile": round(model_cpu, 5),
     }
-    results["analysis"] = {"warm": warm, "reader_threads": int(getattr(_options(), "reader_threads", 0))}
+    warm = {
+        **analysis_runs[0],
+        "per_s": round(statistics.mean(a["per_s"] for a in analysis_runs), 3),
+        "cpu_s_per_item": round(statistics.mean(a["cpu_s_per_item"] for a in analysis_runs), 5),
+    }
+    results["analysis"] = {
+        "warm": warm,
+        "runs": analysis_runs,
+        "pair_efficiencies": pair_eff,
+        "reader_threads": int(getattr(_options(), "reader_threads", 0)),
+    }
     results["reading"] = {
         "pipeline_noop_model": pipe_read,
         "openslide_read_region": osl_read,
@@ -211,9 +227,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_rss:
         results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
     results["ratios"] = {
-        "pipeline_efficiency": _ratio(warm["per_s"], model_per_s),
+        "pipeline_efficiency": round(statistics.median(pair_eff), 3),
         "pipeline_efficiency_cpu": _ratio(model_cpu, warm["cpu_s_per_item"]),
-        "in_model_share": _ratio(float(warm["phases_s"].get("chunks_infer", 0.0)), warm["wall_s"]),
+        "in_model_share": round(
+            statistics.median(
+                _ratio(float(a["phases_s"].get("chunks_infer", 0.0)), a["wall_s"]) for a in analysis_runs
+            ),
+            3,
+        ),
         "reading_ratio": _ratio(pipe_read["per_s"], osl_read["per_s"]),
         "reading_ratio_cpu": _ratio(osl_read["cpu_s_per_item"], pipe_read["cpu_s_per_item"]),
         "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
@@ -282,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-model", action="store_true", help="use a random model even if the demo exists")
     ap.add_argument("--model-tiles", type=int, default=256, help="tiles for the model-alone measurement")
     ap.add_argument("--naive-tiles", type=int, default=48, help="tiles for the naive loop")
+    ap.add_argument("--repeats", type=int, default=2, help="analyses, each bracketed by model-alone runs")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/_out/)")
     ap.add_argument("--child-analyze", type=Path, default=None, help=argparse.SUPPRESS)
