@@ -68,3 +68,20 @@ def test_seed_classes_excludes_other_images_from_the_pixel_loss() -> None:
     logits.grad = None
     pixel_loss(logits, cams, labels, every, torch.Generator().manual_seed(0)).backward()
     assert float(logits.grad[0].abs().sum()) > 0
+
+
+def test_low_res_seeds_at_feature_resolution() -> None:
+    from training.config import make_config
+    from training.train import pixel_loss
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 2, 4, 4, requires_grad=True)
+    cams = torch.zeros(2, 32, 32)
+    cams[:, :16, :16] = 1.0  # the top-left quarter is hot
+    cfg = make_config({"low_res": True, "n_fg": 2, "n_bg": 2})
+    loss = pixel_loss(logits, cams, torch.tensor([0, 1]), cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert logits.grad is not None
+    touched = logits.grad.abs().sum(dim=1) > 0  # (2, 4, 4): exactly the seed cells of the 4x4 map
+    assert int(touched.sum()) == 8
+    assert bool(touched[:, :2, :2].sum() == 4)  # the fg seeds sit in the hot quarter
