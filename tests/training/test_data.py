@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -65,3 +66,29 @@ def test_folder_dataset(tmp_path: Path) -> None:
     assert len(splits["test"]) == 6 and splits["valpx"] == ["train/tumor/train0"]
     with pytest.raises(DatasetError, match="root/train/<class>"):
         load_folder_dataset(tmp_path, ("a", "b"))
+
+
+def test_folder_dataset_trains_through_the_recipe(tmp_path: Path) -> None:
+    from training.run import main
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for subset in ("train", "test"):
+        for cls in ("normal", "tumor"):
+            (root / subset / cls).mkdir(parents=True)
+            for i in range(4):
+                cv2.imwrite(str(root / subset / cls / f"{subset}{i}.png"), rng.integers(0, 256, (80, 96, 3), np.uint8))
+    (root / "masks" / "tumor").mkdir(parents=True)
+    for subset in ("train", "test"):
+        for i in range(4):
+            mask = np.zeros((80, 96), np.uint8)
+            mask[20:60, 30:70] = 255
+            cv2.imwrite(str(root / "masks" / "tumor" / f"{subset}{i}.png"), mask)
+    run = tmp_path / "run"
+    args = ["--quick", "--dataset", "folder", "--data-dir", str(root), "--class-names", "normal", "tumor",
+            "--positive-class", "tumor", "--foreground-name", "Tumor", "--source-mpp", "2.5", "--run-dir", str(run)]
+    assert main([*args, "--stage", "baseline"]) == 0
+    assert main([*args, "--stage", "cams"]) == 0
+    with np.load(run / "cams" / "cams.npz") as cams:
+        assert len(cams.files) == len(json.loads((run / "splits.json").read_text())["train"])
+        assert cams[cams.files[0]].shape == (10, 12)  # 80x96 at stride 8
