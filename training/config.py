@@ -81,6 +81,11 @@ class TrainConfig:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.dataset not in ("glas", "folder"):
             raise ConfigError(f"dataset must be 'glas' or 'folder', got {self.dataset!r}")
+        if self.encoder_name == "vit_tiny":
+            raise ConfigError(
+                "training/run.py evaluates whole images with a fully convolutional encoder; vit_tiny takes only "
+                "224x224 inputs: use a resnet encoder (resnet18/34/50)"
+            )
         if self.cam_method not in ("cam", "layercam"):
             raise ConfigError(f"cam_method must be 'cam' or 'layercam', got {self.cam_method!r}")
         if self.positive_class not in self.class_names:

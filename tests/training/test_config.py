@@ -26,6 +26,8 @@ def test_quick_and_unknown_keys(tmp_path: Path) -> None:
         resolve_config(["--config", str(path)])
     with pytest.raises(ConfigError, match="bg_area_frac"):
         resolve_config(["--bg-area-frac", "0"])
+    with pytest.raises(ConfigError, match="resnet"):
+        resolve_config(["--encoder-name", "vit_tiny"])
     with pytest.raises(ConfigError, match="stage"):
         resolve_config(["--stage", "nope"])
 
