@@ -1,6 +1,6 @@
 """Whole-slide analysis benchmark: the PERFORMANCE.md ratios from one run on generated slides.
 
-Usage: ``python bench/bench_analyze.py [--width 24000 --height 24000] [--threads N] [--json OUT.json]``
+Usage: ``python bench/bench_analyze.py [--width 16000 --height 16000] [--threads N] [--json OUT.json]``
 
 Prints and writes as JSON, all measured in this one run on one generated slide:
 
@@ -137,10 +137,78 @@ def _ratio(num: float, den: float) -> float:
     return round(num / den, 3) if den > 0 else float("nan")
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement, in one process (plus two children for RSS), on one generated slide."""
+def _check_weights(results: dict[str, Any], torch_model: Any, onnx_path: Path, tiles: Any) -> None:
+    """Record whether the naive loop's torch weights are the ONNX's (parity of both outputs on real tiles)."""
     from model.errors import ParityError
     from model.export import check_parity
+
+    if "random weights" in results["model"]["note"]:
+        return
+    try:
+        parity: dict[str, Any] = check_parity(torch_model, onnx_path, tiles[:2], atol=1e-3)
+    except ParityError as err:
+        parity = {"failed": str(err)}
+        results["model"]["note"] += "; naive loop: torch weights differ from the ONNX (parity failed)"
+    results["model"]["parity_torch_vs_onnx"] = parity
+
+
+def _measure_efficiency(
+    predictor: Any, slide: Path, plan: Any, tiles: Any, work: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model-alone runs and analyses in alternation; each analysis against the model runs around it."""
+    batch = int(_options().batch_size)
+    n_model = min(len(plan), args.model_tiles)
+    model_runs = [measure_model_alone(predictor, tiles, n_model, batch)]
+    analysis_runs: list[dict[str, Any]] = []
+    for k in range(args.repeats):
+        analysis_runs.append(measure_analysis(slide, predictor, work / f"run-warm-{k}", len(plan)))
+        model_runs.append(measure_model_alone(predictor, tiles, n_model, batch))
+    model = {
+        "batch": batch,
+        "runs": model_runs,
+        "mean_per_s": round(statistics.mean(m["per_s"] for m in model_runs), 3),
+        "mean_cpu_s_per_tile": round(statistics.mean(m["cpu_s_per_item"] for m in model_runs), 5),
+    }
+    analysis = {
+        "warm": {
+            **analysis_runs[0],
+            "per_s": round(statistics.mean(a["per_s"] for a in analysis_runs), 3),
+            "cpu_s_per_item": round(statistics.mean(a["cpu_s_per_item"] for a in analysis_runs), 5),
+        },
+        "runs": analysis_runs,
+        "pair_efficiencies": [
+            _ratio(a["per_s"], (model_runs[k]["per_s"] + model_runs[k + 1]["per_s"]) / 2)
+            for k, a in enumerate(analysis_runs)
+        ],
+        "in_model_shares": [
+            _ratio(float(a["phases_s"].get("chunks_infer", 0.0)), a["wall_s"]) for a in analysis_runs
+        ],
+        "reader_threads": int(_options().reader_threads),
+    }
+    return model, analysis
+
+
+def _ratios(res: dict[str, Any]) -> dict[str, float]:
+    """The goal ratios, each by wall-clock rate and by CPU seconds per tile."""
+    warm, model, naive = res["analysis"]["warm"], res["model_alone"], res["naive"]
+    pipe, osl = res["reading"]["pipeline_noop_model"], res["reading"]["openslide_read_region"]
+    ratios = {
+        "pipeline_efficiency": round(statistics.median(res["analysis"]["pair_efficiencies"]), 3),
+        "pipeline_efficiency_cpu": _ratio(model["mean_cpu_s_per_tile"], warm["cpu_s_per_item"]),
+        "in_model_share": round(statistics.median(res["analysis"]["in_model_shares"]), 3),
+        "reading_ratio": _ratio(pipe["per_s"], osl["per_s"]),
+        "reading_ratio_cpu": _ratio(osl["cpu_s_per_item"], pipe["cpu_s_per_item"]),
+        "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
+        "naive_ratio_cpu": _ratio(naive["cpu_s_per_item"], warm["cpu_s_per_item"]),
+        "naive_1_thread_ratio_cpu": _ratio(res["naive_1_thread"]["cpu_s_per_item"], warm["cpu_s_per_item"]),
+    }
+    if "rss" in res:
+        ratios["rss_ratio_4x"] = res["rss"]["ratio"]
+    return ratios
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, in one process (plus two children for RSS), on one generated slide."""
     from model.runtime import Predictor
 
     threads = args.threads
@@ -148,19 +216,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     small = ensure_slide(args.width, args.height, args.tissue_fraction, args.seed)
     large = ensure_slide(2 * args.width, 2 * args.height, args.tissue_fraction, args.seed)
     onnx_path, torch_model, model_note = ensure_model(args)
-    results["model"] = {
-        "path": str(onnx_path.relative_to(REPO_ROOT))
-        if onnx_path.is_relative_to(REPO_ROOT)
-        else str(onnx_path),
-        "note": model_note,
-    }
+    shown = onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
     predictor = Predictor(onnx_path, threads=threads)
-    results["model"]["sha256"] = predictor.sha256
+    results["model"] = {"path": str(shown), "note": model_note, "sha256": predictor.sha256}
     in_side = predictor.input_size
     work = Path(tempfile.mkdtemp(prefix="pixelcam-bench-", dir=BENCH_OUT))
     plan = plan_for(small, predictor, work / "job-small")
-    plan_large = plan_for(large, predictor, work / "job-large")
-    n_small, n_large = len(plan.l0_xy), len(plan_large.l0_xy)
+    n_small, n_large = len(plan), len(plan_for(large, predictor, work / "job-large"))
     results["slides"] = {
         "small": {
             "path": small.name,
@@ -173,78 +235,27 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     logger.info("small slide: %d tissue tiles; large: %d", n_small, n_large)
     tiles = predecoded_tiles(small, plan, in_side, 128)
-    if "random weights" not in model_note:
-        try:
-            parity = check_parity(torch_model, onnx_path, tiles[:2], atol=1e-3)
-        except ParityError as err:
-            parity = {"failed": str(err)}
-            results["model"]["note"] += "; naive loop: torch weights differ from the ONNX (parity failed)"
-        results["model"]["parity_torch_vs_onnx"] = parity
-    batch = int(getattr(_options(), "batch_size", 16))
-    n_model = min(n_small, args.model_tiles)
+    _check_weights(results, torch_model, onnx_path, tiles)
     # The reading paths first (they also warm the page cache), then the model alone and the analysis in
-    # alternation: each analysis is compared with the mean of the model-alone runs just before and after it,
-    # so load drift on a shared machine hits both sides of each ratio alike.
-    pipe_read = measure_pipeline_reading(small, plan, NoopPredictor(predictor))
-    osl_read = measure_openslide_reading(small, plan, in_side, threads)
-    model_runs = [measure_model_alone(predictor, tiles, n_model, batch)]
-    analysis_runs: list[dict[str, Any]] = []
-    for k in range(args.repeats):
-        analysis_runs.append(measure_analysis(small, predictor, work / f"run-warm-{k}", n_small))
-        model_runs.append(measure_model_alone(predictor, tiles, n_model, batch))
-    pair_eff = [
-        _ratio(a["per_s"], (model_runs[k]["per_s"] + model_runs[k + 1]["per_s"]) / 2)
-        for k, a in enumerate(analysis_runs)
-    ]
-    model_cpu = statistics.mean(m["cpu_s_per_item"] for m in model_runs)
-    results["model_alone"] = {
-        "batch": batch,
-        "runs": model_runs,
-        "mean_per_s": round(statistics.mean(m["per_s"] for m in model_runs), 3),
-        "mean_cpu_s_per_tile": round(model_cpu, 5),
-    }
-    warm = {
-        **analysis_runs[0],
-        "per_s": round(statistics.mean(a["per_s"] for a in analysis_runs), 3),
-        "cpu_s_per_item": round(statistics.mean(a["cpu_s_per_item"] for a in analysis_runs), 5),
-    }
-    results["analysis"] = {
-        "warm": warm,
-        "runs": analysis_runs,
-        "pair_efficiencies": pair_eff,
-        "reader_threads": int(getattr(_options(), "reader_threads", 0)),
-    }
+    # alternation, so load drift on a shared machine hits both sides of each efficiency ratio alike.
     results["reading"] = {
-        "pipeline_noop_model": pipe_read,
-        "openslide_read_region": osl_read,
+        "pipeline_noop_model": measure_pipeline_reading(small, plan, NoopPredictor(predictor)),
+        "openslide_read_region": measure_openslide_reading(small, plan, in_side, threads),
         "openslide_threads": threads,
     }
-    naive = measure_naive(small, plan, torch_model, args.naive_tiles, threads)
-    results["naive"] = {**naive, "torch_threads": threads}
+    results["model_alone"], results["analysis"] = _measure_efficiency(
+        predictor, small, plan, tiles, work, args
+    )
+    results["naive"] = {
+        **measure_naive(small, plan, torch_model, args.naive_tiles, threads),
+        "torch_threads": threads,
+    }
     # Per core: torch's OpenMP threads at batch 1 scale badly on a busy machine; one thread shows the cost
     # without that effect, so the ratio's two causes (runtime, threading) can be told apart.
     results["naive_1_thread"] = measure_naive(small, plan, torch_model, max(8, args.naive_tiles // 2), 1)
     if not args.skip_rss:
         results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
-    results["ratios"] = {
-        "pipeline_efficiency": round(statistics.median(pair_eff), 3),
-        "pipeline_efficiency_cpu": _ratio(model_cpu, warm["cpu_s_per_item"]),
-        "in_model_share": round(
-            statistics.median(
-                _ratio(float(a["phases_s"].get("chunks_infer", 0.0)), a["wall_s"]) for a in analysis_runs
-            ),
-            3,
-        ),
-        "reading_ratio": _ratio(pipe_read["per_s"], osl_read["per_s"]),
-        "reading_ratio_cpu": _ratio(osl_read["cpu_s_per_item"], pipe_read["cpu_s_per_item"]),
-        "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
-        "naive_ratio_cpu": _ratio(naive["cpu_s_per_item"], warm["cpu_s_per_item"]),
-        "naive_1_thread_ratio_cpu": _ratio(
-            results["naive_1_thread"]["cpu_s_per_item"], warm["cpu_s_per_item"]
-        ),
-    }
-    if "rss" in results:
-        results["ratios"]["rss_ratio_4x"] = results["rss"]["ratio"]
+    results["ratios"] = _ratios(results)
     results["goals"] = GOALS
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     return results
