@@ -53,6 +53,7 @@ OUTPUT_FILES = {
     "geojson": "result.geojson",
 }
 THUMB_MAX = 1024
+THUMB_MAX_UPSCALE = 1.25  # enlarge a pyramid level by up to this much rather than shrink a 4x larger one
 HEATMAP_ENCODING = "uint8: 0 = not analysed; v in 1..255 = analysed, foreground probability (v - 1) / 254"
 FRAME_NOTE = (
     "level-0 pixels, origin top-left, y down, minus l0_offset_xy (the slide's bounds origin, which QuPath crops "
@@ -129,7 +130,7 @@ def _stitch(
 def _overlay(plan: JobPlan, out: Path) -> None:
     """Slide thumbnail with the heatmap blended in, as overlay.png."""
     with open_slide(plan.slide_path, mpp_override=plan.options.mpp_override) as slide:
-        thumb = slide.thumbnail((THUMB_MAX, THUMB_MAX))
+        thumb = slide.thumbnail((THUMB_MAX, THUMB_MAX), max_upscale=THUMB_MAX_UPSCALE)
     hm = read_heatmap_level(out / OUTPUT_FILES["heatmap"], (thumb.shape[1], thumb.shape[0]))
     write_overlay_png(out / OUTPUT_FILES["overlay"], render_overlay(thumb, hm, plan.grid()))
 

@@ -146,18 +146,26 @@ class Slide:
         out[y0 - lvl_y:y1 - lvl_y, x0 - lvl_x:x1 - lvl_x] = arr[: y1 - y0, : x1 - x0, :3]
         return out
 
-    def thumbnail(self, max_size_wh: tuple[int, int]) -> np.ndarray:
-        """Whole slide downscaled to fit `max_size_wh`, keeping the aspect ratio, in bounded memory."""
+    def thumbnail(self, max_size_wh: tuple[int, int], *, max_upscale: float = 1.0) -> np.ndarray:
+        """Whole slide downscaled to fit `max_size_wh`, keeping the aspect ratio, in bounded memory.
+
+        `max_upscale` > 1 lets a smaller pyramid level be enlarged by up to that factor instead of reading and
+        shrinking a much larger one (a 1000-px level for a 1024-px thumbnail instead of a 4000-px one).
+        """
         l0_w, l0_h = self.info.l0_size_wh
         scale = min(max_size_wh[0] / l0_w, max_size_wh[1] / l0_h, 1.0)
         out_wh = (max(1, round(l0_w * scale)), max(1, round(l0_h * scale)))
-        return self.read_scaled(out_wh)
+        return self.read_scaled(out_wh, max_upscale=max_upscale)
 
-    def read_scaled(self, out_wh: tuple[int, int], l0_region_wh: tuple[float, float] | None = None) -> np.ndarray:
-        """Level-0 region (0, 0, `l0_region_wh`) (default: the slide) resized to `out_wh`, read in bands."""
+    def read_scaled(self, out_wh: tuple[int, int], l0_region_wh: tuple[float, float] | None = None, *,
+                    max_upscale: float = 1.0) -> np.ndarray:
+        """Level-0 region (0, 0, `l0_region_wh`) (default: the slide) resized to `out_wh`, read in bands.
+
+        The level read is the deepest one that needs at most `max_upscale` enlargement (1.0: none).
+        """
         out_w, out_h = int(out_wh[0]), int(out_wh[1])
         l0_w, l0_h = l0_region_wh or self.info.l0_size_wh
-        level = self.best_level_for_downsample(min(l0_w / out_w, l0_h / out_h))
+        level = self.best_level_for_downsample(min(l0_w / out_w, l0_h / out_h) * max(1.0, float(max_upscale)))
         ds = self.info.level_downsamples[level]
         lvl_w = max(1, int(round(l0_w / ds)))
         rows_per_out = l0_h / ds / out_h

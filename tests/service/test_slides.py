@@ -113,6 +113,23 @@ def test_thumbnail_keeps_aspect(slides_dir: Path) -> None:
         assert 100 < thumb.mean() < 250
 
 
+def test_thumbnail_may_enlarge_a_smaller_level_instead_of_shrinking_a_larger_one(tmp_path: Path) -> None:
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(512, 384), unit="CENTIMETER", mpp=0.5)
+    with open_slide(path) as slide:
+        read: list[int] = []
+        real_read = slide.read_region
+        slide.read_region = lambda xy, level, size: read.append(level) or real_read(xy, level, size)  # type: ignore[method-assign]
+        exact = slide.thumbnail((240, 240))  # needs downsample 2.13: reads level 1 (256 px) and shrinks it
+        near = slide.thumbnail((240, 240), max_upscale=1.25)  # level 2 (128 px) would need 1.9x: still level 1
+        small = slide.thumbnail((112, 112), max_upscale=1.25)  # level 2 (128 px) needs no enlargement anyway
+        close = slide.thumbnail((150, 150), max_upscale=1.25)  # level 2 enlarged 1.17x instead of level 1
+        assert read == [1, 1, 2, 2]
+        assert exact.shape == near.shape == (180, 240, 3) and small.shape == (84, 112, 3)
+        assert close.shape == (112, 150, 3)
+        np.testing.assert_array_equal(exact, near)
+        assert np.abs(close.astype(int) - slide.thumbnail((150, 150)).astype(int)).mean() < 8
+
+
 # generated cases ------------------------------------------------------------------------------------------
 
 
