@@ -7,7 +7,7 @@ formats whose `openslide.bounds-*` QuPath crops to), which is the frame QuPath u
 
 Regions are polygonised from each heatmap row's runs of positive cells: runs are grouped into 4-connected
 components, and OpenCV traces each component's outline and holes on a doubled grid whose pixels map back to
-exact cell edges (see `_outline`), before shapely checks validity and simplifies.
+exact cell edges (see `service._outlines`), before shapely checks validity and simplifies.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import shapely
-from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 
+from service._outlines import outlines, traced_rings
 from service.stitching import HeatmapBand
 
 __all__ = [
@@ -148,42 +147,6 @@ def _components(runs: RunTable) -> np.ndarray:
     return np.array([root(i) for i in range(n)], np.int64)
 
 
-def _outline(row: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> BaseGeometry:
-    """Exact cell-edge outline (with holes) of one component's runs, traced by OpenCV.
-
-    The runs are drawn at twice the resolution with a one-pixel margin; OpenCV then traces the boundary pixels,
-    and pixel p of that canvas maps back to cell edge p // 2: the first pixel of a cell lands on its left/top
-    edge, the last on its right/bottom edge, and the diagonal steps at corners collapse onto the exact corner.
-    """
-    r0, c0 = int(row.min()), int(x0.min())
-    canvas = np.zeros((2 * (int(row.max()) - r0 + 1) + 2, 2 * (int(x1.max()) - c0) + 2), np.uint8)
-    for r, a, b in zip((row - r0).tolist(), (x0 - c0).tolist(), (x1 - c0).tolist(), strict=True):
-        canvas[1 + 2 * r : 3 + 2 * r, 1 + 2 * a : 1 + 2 * b] = 1
-    contours, hierarchy = cv2.findContours(canvas, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    rings = [_corners(c.reshape(-1, 2) // 2 + (c0, r0)) for c in contours]
-    holes: dict[int, list[np.ndarray]] = {}
-    for i, parent in enumerate(hierarchy[0][:, 3].tolist()):
-        if parent >= 0:
-            holes.setdefault(parent, []).append(rings[i])
-    shells = [
-        shapely.Polygon(rings[i], holes.get(i, [])) for i in range(len(rings)) if hierarchy[0][i][3] < 0
-    ]
-    geom: BaseGeometry = shells[0] if len(shells) == 1 else shapely.MultiPolygon(shells)
-    if not geom.is_valid:  # a shape touching itself at a corner
-        geom = shapely.make_valid(geom, method="structure")
-    return geom
-
-
-def _corners(ring: np.ndarray) -> np.ndarray:
-    """A closed ring's vertices without repeats and without points in the middle of a straight edge."""
-    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
-    before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
-    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
-    straight = (cross == 0) & ((before * after).sum(axis=1) > 0)  # a reversal (spike tip) is kept
-    corners: np.ndarray = ring[~straight]
-    return corners
-
-
 def find_regions(runs: RunTable, *, min_cells: int = 1) -> list[Region]:
     """Group the runs into 4-connected regions with holes; drop regions smaller than `min_cells`."""
     if len(runs) == 0:
@@ -194,18 +157,23 @@ def find_regions(runs: RunTable, *, min_cells: int = 1) -> list[Region]:
     by_label = np.argsort(labels, kind="stable")
     starts = np.flatnonzero(np.diff(labels[by_label], prepend=-1))
     lengths = runs.hm_x1 - runs.hm_x0
-    regions = []
+    kept, traced = [], []
     for members in np.split(by_label, starts[1:]):
         cells = int(lengths[members].sum())
-        if cells < min_cells:
-            continue
-        outline = _outline(runs.hm_row[members], runs.hm_x0[members], runs.hm_x1[members])
-        mean = float(runs.prob_sum[members].sum() / cells)
-        regions.append(
-            Region(
-                hm_polygon=outline, cells=cells, mean_prob=mean, max_prob=float(runs.prob_max[members].max())
-            )
+        if cells >= min_cells:
+            kept.append((members, cells))
+            traced.append(traced_rings(runs.hm_row[members], runs.hm_x0[members], runs.hm_x1[members]))
+    if not kept:
+        return []
+    regions = [
+        Region(
+            hm_polygon=outline,
+            cells=cells,
+            mean_prob=float(runs.prob_sum[members].sum() / cells),
+            max_prob=float(runs.prob_max[members].max()),
         )
+        for (members, cells), outline in zip(kept, outlines(traced), strict=True)
+    ]
     regions.sort(key=lambda r: (-r.cells, r.hm_bounds))
     return regions
 
@@ -221,18 +189,37 @@ def _round_coords(coords: np.ndarray) -> np.ndarray:
     return np.round(coords, COORD_DECIMALS)
 
 
-def _geometry(geom: BaseGeometry) -> dict[str, Any]:
-    """A GeoJSON geometry dict with exterior rings counter-clockwise (RFC 7946), coordinates to 2 decimals.
+def _coordinates(geoms: np.ndarray) -> list[list[Any]]:
+    """GeoJSON `coordinates` of Polygons / MultiPolygons, read from shapely in bulk (rings as lists of [x, y])."""
+    parts, part_of = shapely.get_parts(geoms, return_index=True)
+    rings, ring_of = shapely.get_rings(parts, return_index=True)
+    xy, point_of = shapely.get_coordinates(rings, return_index=True)
+    points = xy.tolist()
+    ends = np.cumsum(np.bincount(point_of, minlength=len(rings))).tolist()
+    ring_coords = [points[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    ring_ends = np.cumsum(np.bincount(ring_of, minlength=len(parts))).tolist()
+    part_coords = [ring_coords[a:b] for a, b in zip([0, *ring_ends[:-1]], ring_ends, strict=True)]
+    part_ends = np.cumsum(np.bincount(part_of, minlength=len(geoms))).tolist()
+    multi = shapely.get_type_id(geoms) == shapely.GeometryType.MULTIPOLYGON
+    return [
+        part_coords[a:b] if is_multi else part_coords[a]
+        for a, b, is_multi in zip([0, *part_ends[:-1]], part_ends, multi.tolist(), strict=True)
+    ]
+
+
+def _geometries(geoms: np.ndarray) -> list[dict[str, Any]]:
+    """GeoJSON geometry dicts with exterior rings counter-clockwise (RFC 7946), coordinates to 2 decimals.
 
     Vertices lie on cell edges (or the slide's edge), far apart compared with 0.01 px, so rounding keeps the
     geometry valid; should it not, a precision grid snaps it validly first.
     """
-    rounded = shapely.transform(shapely.orient_polygons(geom), _round_coords)
-    if not rounded.is_valid:
-        snapped = shapely.set_precision(geom, 10.0**-COORD_DECIMALS)
-        rounded = shapely.transform(shapely.orient_polygons(snapped), _round_coords)
-    data = mapping(rounded)
-    return {"type": data["type"], "coordinates": data["coordinates"]}
+    rounded = shapely.transform(shapely.orient_polygons(geoms), _round_coords)
+    for i in np.flatnonzero(~shapely.is_valid(rounded)).tolist():
+        snapped = shapely.set_precision(geoms[i], 10.0**-COORD_DECIMALS)
+        rounded[i] = shapely.transform(shapely.orient_polygons(snapped), _round_coords)
+    kinds = ["MultiPolygon" if t == shapely.GeometryType.MULTIPOLYGON else "Polygon"
+             for t in shapely.get_type_id(rounded).tolist()]
+    return [{"type": k, "coordinates": c} for k, c in zip(kinds, _coordinates(rounded), strict=True)]
 
 
 def _to_l0(
@@ -261,42 +248,52 @@ def region_features(
     simplify_hm: float = 0.5,
     seed: str | None = None,
 ) -> list[dict[str, Any]]:
-    """QuPath annotations, one per region: Polygon (or MultiPolygon after clipping), with area and probability."""
+    """QuPath annotations, one per region: Polygon (or MultiPolygon after clipping), with area and probability.
+
+    The shapely work runs on all regions at once (simplify, scale, orient, round); only the rare regions that
+    cross the slide's edge or turn invalid are handled one by one.
+    """
+    if not regions:
+        return []
     l0_clip = shapely.box(0, 0, *l0_size_wh)
-    features = []
-    for i, region in enumerate(regions):
-        simple = shapely.simplify(region.hm_polygon, simplify_hm, preserve_topology=True)
-        if not simple.is_valid:
-            simple = shapely.make_valid(simple, method="structure")
-        _, _, hm_x1, hm_y1 = region.hm_bounds
-        crosses_edge = hm_x1 * hm_downsample > l0_size_wh[0] or hm_y1 * hm_downsample > l0_size_wh[1]
-        clip = l0_clip if crosses_edge else None
-        l0_area = region.cells * float(hm_downsample) ** 2  # exact: the outline follows cell edges
-        if crosses_edge:
-            l0_area = _to_l0(region.hm_polygon, hm_downsample, (0.0, 0.0), l0_clip).area
-        geom = _to_l0(simple, hm_downsample, l0_offset_xy, clip)
+    hm = np.array([r.hm_polygon for r in regions], dtype=object)
+    simple = shapely.simplify(hm, simplify_hm, preserve_topology=True)
+    for i in np.flatnonzero(~shapely.is_valid(simple)).tolist():
+        simple[i] = shapely.make_valid(simple[i], method="structure")
+    hm_bounds = shapely.bounds(hm)
+    crosses = (hm_bounds[:, 2] * hm_downsample > l0_size_wh[0]) | (hm_bounds[:, 3] * hm_downsample > l0_size_wh[1])
+    geoms = _to_l0(simple, hm_downsample, l0_offset_xy, None)
+    l0_area = np.array([r.cells for r in regions], np.float64) * float(hm_downsample) ** 2  # exact: cell edges
+    kept = []
+    for i in range(len(regions)):
+        if crosses[i]:
+            l0_area[i] = _to_l0(regions[i].hm_polygon, hm_downsample, (0.0, 0.0), l0_clip).area
+            geoms[i] = _to_l0(simple[i], hm_downsample, l0_offset_xy, l0_clip)
+        geom = geoms[i]
         if geom.is_empty or not isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
-            geom = shapely.union_all([g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)])
-            if geom.is_empty:
+            geoms[i] = shapely.union_all([g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)])
+            if geoms[i].is_empty:
                 continue
-        features.append(
-            {
-                "type": "Feature",
-                "id": _feature_id(seed, "region", i),
-                "geometry": _geometry(geom),
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{name} {i + 1}",
-                    "classification": {"name": name, "color": [int(c) for c in color]},
-                    "measurements": {
-                        AREA_KEY: round(l0_area * l0_mpp**2, 2),
-                        "Mean probability": round(region.mean_prob, 4),
-                        "Max probability": round(region.max_prob, 4),
-                    },
+        kept.append(i)
+    geometries = _geometries(geoms[kept]) if kept else []
+    return [
+        {
+            "type": "Feature",
+            "id": _feature_id(seed, "region", i),
+            "geometry": geometry,
+            "properties": {
+                "objectType": "annotation",
+                "name": f"{name} {i + 1}",
+                "classification": {"name": name, "color": [int(c) for c in color]},
+                "measurements": {
+                    AREA_KEY: round(float(l0_area[i]) * l0_mpp**2, 2),
+                    "Mean probability": round(regions[i].mean_prob, 4),
+                    "Max probability": round(regions[i].max_prob, 4),
                 },
-            }
-        )
-    return features
+            },
+        }
+        for i, geometry in zip(kept, geometries, strict=True)
+    ]
 
 
 def tile_features(

@@ -221,3 +221,24 @@ def test_random_masks_give_exact_4_connected_outlines(seed: int) -> None:
         inside = shapely.contains_xy(region.hm_polygon, xs + 0.5, ys + 0.5)
         (label,) = np.unique(labels[inside])  # the cells inside are one component...
         np.testing.assert_array_equal(inside, labels == label)  # ...and all of it
+
+
+def test_regions_converted_together_match_each_converted_alone() -> None:
+    rng = np.random.default_rng(3)
+    positive = rng.random((30, 40)) < 0.55  # holes and self-touching shapes among many regions
+    band = HeatmapBand(0, positive.astype(np.float32), np.ones(positive.shape, bool))
+    regions = find_regions(runs_of_band(band, 0.5), min_cells=3)
+    assert len(regions) > 5 and any(shapely.get_num_interior_rings(r.hm_polygon) for r in regions)
+    kwargs = {"hm_downsample": 4.0, "l0_size_wh": (150, 110), "l0_mpp": 0.5, "name": "Gland", "color": (1, 2, 3)}
+    together = {  # the slide (150 x 110) ends inside the heatmap (160 x 120): some regions are clipped away
+        int(f["properties"]["name"].split()[-1]) - 1: f
+        for f in region_features(regions, **kwargs, l0_offset_xy=(2.0, 1.0), seed="s")
+    }
+    assert 0 < len(together) < len(regions)
+    for i, region in enumerate(regions):
+        alone = region_features([region], **kwargs, l0_offset_xy=(2.0, 1.0), seed="s")
+        assert len(alone) == (i in together)
+        if alone:
+            assert together[i]["geometry"] == alone[0]["geometry"]
+            assert together[i]["properties"]["measurements"] == alone[0]["properties"]["measurements"]
+            assert shape(alone[0]["geometry"]).is_valid
