@@ -181,7 +181,12 @@ def test_viewer_draws_slide_and_overlay_in_chromium(server: str, finished_job: t
     lut = colormap_lut("jet").astype(np.int32)
     sample = overlay_px[changed][:: max(1, int(changed.sum()) // 4000)]
     dist = np.abs(sample[:, None, :] - lut[None, :, :]).sum(axis=2).min(axis=1)
-    assert (dist <= 45).mean() > 0.8, "changed pixels do not look like the jet colour map"
+    # The browser interpolates between neighbouring heatmap cells when it upsamples an overlay tile; between two
+    # far-apart map values (a trained model's map is high-contrast) the blend leaves the jet curve, so a good
+    # fraction of changed pixels sit off it. The slide itself (pink/purple/white) is almost never within 45.
+    assert (dist <= 45).mean() > 0.6, "changed pixels do not look like the jet colour map"
+    slide_dist = np.abs(slide_px[changed][:: max(1, int(changed.sum()) // 4000)][:, None, :] - lut[None]).sum(axis=2).min(axis=1)
+    assert (dist <= 45).mean() > (slide_dist <= 45).mean() + 0.3, "the overlay is no closer to jet than the slide"
 
 
 def _coverage(with_overlay: bytes, slide_only: bytes, box: dict[str, float]) -> float:
