@@ -22,20 +22,8 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DATA = REPO_ROOT / "bench" / "_data"
 BENCH_OUT = REPO_ROOT / "bench" / "_out"
-_PACKAGES = (
-    "numpy",
-    "onnxruntime",
-    "onnx",
-    "torch",
-    "openslide-python",
-    "openslide-bin",
-    "tiffslide",
-    "tifffile",
-    "imagecodecs",
-    "opencv-python-headless",
-    "shapely",
-    "pillow",
-)
+# What the benchmarks load beyond the packages `service.report` records: the naive loop's torch, and the export.
+_BENCH_ONLY_PACKAGES = ("torch", "onnx", "pillow")
 
 
 class BenchError(RuntimeError):
@@ -65,19 +53,15 @@ def _mem_total_gib() -> float | None:
 
 
 def _versions() -> dict[str, str]:
-    """Installed versions of the packages that set the numbers."""
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    """The versions a result records (`service.report.software_versions`) plus those only the benchmarks load."""
+    from service.report import software_versions
+
+    out = software_versions()
+    for name in _BENCH_ONLY_PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    try:
-        import openslide
-
-        out["libopenslide"] = str(openslide.__library_version__)
-    except (ImportError, AttributeError):
-        pass
     return out
 
 
