@@ -18,7 +18,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 GLAS_CLASSES = ("benign", "malignant")
-GLAS_MPP = 0.62005  # µm/px of the 20x GlaS scans (Sirinukunwattana et al. 2017)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 WHITE = 255
 
@@ -181,13 +180,11 @@ class GeomAug:
     rot90: int
 
 
-def draw_geom(rng: np.random.Generator, in_hw: tuple[int, int], size: int, *, flips: bool = True) -> GeomAug:
-    """Draw a crop offset inside the (padded) image and, when `flips`, random flips and quarter turns."""
+def draw_geom(rng: np.random.Generator, in_hw: tuple[int, int], size: int) -> GeomAug:
+    """Draw a crop offset inside the (padded) image, random flips and quarter turns."""
     h, w = max(in_hw[0], size), max(in_hw[1], size)
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
-    if not flips:
-        return GeomAug(top, left, False, False, 0)
     return GeomAug(top, left, bool(rng.random() < 0.5), bool(rng.random() < 0.5), int(rng.integers(0, 4)))
 
 
