@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -35,10 +34,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info  # noqa: E402
+from bench.make_slide import shared_data_dir  # noqa: E402
+from service.deepzoom import DeepZoomGeometry  # noqa: E402
+from service.redis_server import free_port  # noqa: E402
 
 logger = logging.getLogger("bench_load")
 
-TILE_SIZE = 254  # service/api/tiles.py
 _WRK_SCRIPT = """
 paths = {%s}
 i = 0
@@ -47,14 +48,6 @@ request = function()
   return wrk.format("GET", paths[(i %% #paths) + 1])
 end
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(storage: Path, port: int, workers: int, api_key: str = "") -> subprocess.Popen[bytes]:
@@ -80,16 +73,12 @@ def start_server(storage: Path, port: int, workers: int, api_key: str = "") -> s
 
 
 def tile_paths(slide_id: str, width: int, height: int) -> list[str]:
-    """Every Deep Zoom tile of the slide, level by level."""
-    max_level = math.ceil(math.log2(max(width, height)))
-    paths = []
-    for level in range(max_level + 1):
-        scale = 2 ** (max_level - level)
-        lw, lh = math.ceil(width / scale), math.ceil(height / scale)
-        for row in range(math.ceil(lh / TILE_SIZE)):
-            for col in range(math.ceil(lw / TILE_SIZE)):
-                paths.append(f"/v1/slides/{slide_id}_files/{level}/{col}_{row}.jpeg")
-    return paths
+    """Every Deep Zoom tile of the slide, level by level, in the service's own tile geometry."""
+    geo = DeepZoomGeometry((width, height))
+    return [f"/v1/slides/{slide_id}_files/{level}/{col}_{row}.jpeg"
+            for level in range(geo.level_count)
+            for row in range(geo.tile_grid_wh(level)[1])
+            for col in range(geo.tile_grid_wh(level)[0])]
 
 
 def run_wrk(base: str, paths: list[str], seconds: int, connections: int, workdir: Path,
@@ -201,10 +190,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
-    data_dir = Path(os.environ.get("PIXELCAM_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-    slide = args.slide or data_dir / "slides" / "CMU-1-Small-Region.svs"
+    slide = args.slide or shared_data_dir() / "slides" / "CMU-1-Small-Region.svs"
     work = Path(tempfile.mkdtemp(prefix="pixelcam-load-"))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     api_key = secrets.token_urlsafe(32) if args.api_key else ""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
