@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.make_slide import shared_data_dir  # noqa: E402
 from service import constants as C  # noqa: E402
 from service.deepzoom import DeepZoomGeometry  # noqa: E402
 from service.queue import JobQueue, connect  # noqa: E402
@@ -43,11 +44,6 @@ from service.stitching import HeatmapBand, HeatmapGrid, write_heatmap_tiff  # no
 
 HM_DS = 16.0
 JOB_ID = "be" * 16
-
-
-def data_dir() -> Path:
-    env = os.environ.get("PIXELCAM_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 def wait_ready(base: str, timeout_s: float = 60.0) -> None:
@@ -148,7 +144,7 @@ def parse_wrk(text: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slide", type=Path, default=data_dir() / "slides" / "CMU-1-Small-Region.svs")
+    parser.add_argument("--slide", type=Path, default=shared_data_dir() / "slides" / "CMU-1-Small-Region.svs")
     parser.add_argument("--duration", type=int, default=20, help="seconds per scenario")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
