@@ -308,12 +308,6 @@ def _write_thumbnail(
     tif.write(pixels, rowsperstrip=16, description=_aperio_description(spec, size_wh, "thumbnail"), **common)
 
 
-def tissue_tile_count(spec: SlideSpec) -> int:
-    """Rough expected number of tissue tiles at level 0 (for sizing benchmarks)."""
-    l0_w, l0_h = spec.l0_size_wh
-    return int(spec.tissue_fraction * l0_w * l0_h / spec.tile**2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
