@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -339,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlideGenerationError as err:
         logger.error("%s", err)
         return 2
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process only: the numbers docs/performance.md quotes
+    logger.info("peak RSS %.0f MiB (ru_maxrss), %.1f CPU-s", usage.ru_maxrss / 1024,
+                usage.ru_utime + usage.ru_stime)
     return 0
 
 
