@@ -4,11 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+# pyproject requires Python >= 3.11: prefer python3.11 over a possibly older python3 (override with PYTHON=...)
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "setup: $PYTHON is older than 3.11; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 1; }
+  "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
 fi
-# torch is pinned in the `train` extra: pip takes the CPU wheel that lies on this machine's disk.
+# torch is pinned in the `train` extra. pip takes a local CPU wheel when its config points at one; from PyPI alone
+# Linux gets the CUDA build (GBs): add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU one.
 "$VENV/bin/pip" install -q -e ".[cpu,train,dev]"
 # The viewer's OpenSeadragon comes from its npm package (pinned in package.json), never copied into the repo.
 npm install --no-audit --no-fund --silent
