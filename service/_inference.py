@@ -58,9 +58,8 @@ def run_chunk(
     class_probs = np.zeros((indices.size, n_classes), np.float32)
     fg = np.zeros((indices.size, plan.fm_size, plan.fm_size), np.float32)
     done, infer_s = 0, 0.0
-    active = reader if reader is not None or indices.size == 0 else None
-    if active is None:
-        active = TileReader(slide, plan.tiles, threads=plan.options.reader_threads)
+    own = reader is None and indices.size > 0  # no reader is opened for an empty chunk
+    active = TileReader(slide, plan.tiles, threads=plan.options.reader_threads) if own else reader
     try:
         for _, batch in active.iter_batches(indices, plan.options.batch_size) if active is not None else ():
             t1 = time.perf_counter()
@@ -73,7 +72,7 @@ def run_chunk(
             if on_batch is not None:
                 on_batch(n)
     finally:
-        if reader is None and active is not None:
+        if own and active is not None:
             active.close()
     if done != indices.size:
         raise PipelineError(f"the reader returned {done} of {indices.size} tiles; the slide may be truncated")

@@ -185,6 +185,8 @@ def test_batches_are_full_except_the_last(cmu_small_path: Path, random_predictor
     assert sum(sizes) == len(plan) and all(s == 6 for s in sizes[:-1]) and 1 <= sizes[-1] <= 6
     assert out.fg_prob.shape[1:] == (28, 28)
     np.testing.assert_allclose(out.class_probs.sum(axis=1), 1.0, atol=1e-5)
+    with open_slide(cmu_small_path) as slide:
+        assert len(run_chunk(slide, plan, [], random_predictor)) == 0
     with open_slide(cmu_small_path) as slide, pytest.raises(PipelineError, match="outside the plan"):
         run_chunk(slide, plan, [len(plan)], random_predictor)
 
