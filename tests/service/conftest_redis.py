@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
+import uvicorn
 
+from service.api import create_app
 from service.queue import JobQueue, connect
-from service.redis_server import PrivateRedis
+from service.redis_server import PrivateRedis, free_port
 from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +70,26 @@ def make_settings(tmp_path: Path, redis_url: str, models_dir: Path | None = None
         values["models_dir_override"] = models_dir
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+@contextmanager
+def live_app(settings: Settings) -> Iterator[int]:
+    """The app on a real uvicorn in a thread, on a free loopback port (yielded); stopped on exit."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
 
 
 @pytest.fixture()

@@ -9,7 +9,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -18,17 +17,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service import constants as C
 from service.api import create_app
-from service.redis_server import free_port
 from service.settings import Settings
 from service.worker import Worker
 from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
-from tests.service.conftest_redis import REPO_ROOT, make_settings
+from tests.service.conftest_redis import REPO_ROOT, live_app, make_settings
 
 pytestmark = pytest.mark.redis
 
@@ -186,19 +183,8 @@ def test_odd_slides_that_pass_upload_never_leave_a_job_stuck(client: TestClient,
 def live_server(tmp_path: Path, redis_url: str, shell_models_dir: Path) -> Iterator[tuple[str, int, Settings]]:
     """The API under uvicorn in a thread (a real socket: uploads arrive as slowly as the client sends them)."""
     settings = make_settings(tmp_path, redis_url, shell_models_dir, upload_idle_timeout_s=1.0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    with live_app(settings) as port:
         yield "127.0.0.1", port, settings
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def _get(host: str, port: int, path: str) -> tuple[int, float]:

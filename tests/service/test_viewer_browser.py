@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,14 +15,12 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
-from service.api import create_app
 from service.deepzoom import colormap_lut
-from service.redis_server import free_port
 from service.settings import Settings
 from service.worker import Worker
 from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
+from tests.service.conftest_redis import live_app
 
 pytestmark = pytest.mark.redis
 
@@ -55,22 +51,8 @@ def _need_browser() -> None:
 @pytest.fixture()
 def server(settings: Settings) -> Iterator[str]:
     """The app on a real uvicorn, on a free loopback port."""
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    try:
+    with live_app(settings) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture()

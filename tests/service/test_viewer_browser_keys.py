@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from service.api import create_app
-from service.redis_server import free_port
 from service.settings import Settings
 from service.worker import Worker
 from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
-from tests.service.conftest_redis import make_settings
+from tests.service.conftest_redis import live_app, make_settings
 from tests.service.test_viewer_browser import CHROMIUM, CHROMIUM_ARGS, _need_browser
 
 pytestmark = pytest.mark.redis
@@ -29,19 +24,8 @@ KEY = "viewer-key-0123456789abcdef"
 @pytest.fixture()
 def keyed_server(tmp_path: Path, redis_url: str, shell_models_dir: Path) -> Iterator[tuple[str, Settings]]:
     settings = make_settings(tmp_path, redis_url, shell_models_dir, api_keys=KEY)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    with live_app(settings) as port:
         yield f"http://127.0.0.1:{port}", settings
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_viewer_works_with_keys_given_once_in_the_address(keyed_server: tuple[str, Settings],
