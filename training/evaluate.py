@@ -73,13 +73,15 @@ def fm_maps(model: PixelCAM, x: torch.Tensor, class_idx: torch.Tensor, mode: str
         return out.class_logits, minmax(model.cam(out.features, class_idx))
 
 
-def predict_image(
-    model: PixelCAM, sample: Sample, *, mode: str, stride: int, mean: tuple[float, ...], std: tuple[float, ...]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits (K,), the fm map of the padded image (h, w) and the map at image size (H, W)."""
+def predict_image(model: PixelCAM, sample: Sample, *, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits (K,), the fm map of the padded image (h, w) and the map at image size (H, W).
+
+    Stride and normalisation come from the model's own config.
+    """
+    cfg = model.config
     h, w = sample.image.shape[:2]
-    padded = pad_to_stride(sample.image, stride)
-    x = to_input(padded[None], mean, std)
+    padded = pad_to_stride(sample.image, cfg.output_stride)
+    x = to_input(padded[None], cfg.mean, cfg.std)
     label = torch.tensor([sample.record.label])
     logits, fm = fm_maps(model, x, label, mode)
     up = F.interpolate(fm[:, None], size=padded.shape[:2], mode="bilinear", align_corners=False)[0, 0]
@@ -115,9 +117,6 @@ def evaluate_split(
     samples: list[Sample],
     *,
     mode: str,
-    stride: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
     pixel_names: set[str] | None = None,
     keep_maps: bool = False,
 ) -> SplitResult:
@@ -130,7 +129,7 @@ def evaluate_split(
     labels, n_masked = [], 0
     try:
         for sample in samples:
-            logits, fm, full = predict_image(model, sample, mode=mode, stride=stride, mean=mean, std=std)
+            logits, fm, full = predict_image(model, sample, mode=mode)
             preds[sample.record.name] = int(np.argmax(logits))
             labels.append(sample.record.label)
             if keep_maps:

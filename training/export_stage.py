@@ -43,11 +43,7 @@ def _tau(ctx: RunContext, model: PixelCAM) -> float:
     report = read_report(ctx.run_dir / "evaluate")
     if report:
         return float(report["results"]["pixelcam"]["tau"])
-    mcfg = model.config
-    val = evaluate_split(
-        model, ctx.samples("valcl"), mode="pixel", stride=mcfg.output_stride, mean=mcfg.mean, std=mcfg.std,
-        pixel_names=set(ctx.splits["valpx"]),
-    )
+    val = evaluate_split(model, ctx.samples("valcl"), mode="pixel", pixel_names=set(ctx.splits["valpx"]))
     return float(THRESHOLDS[val.counts.best_index()])
 
 

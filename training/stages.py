@@ -76,7 +76,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         encoder_width=cfg.encoder_width,
         output_stride=cfg.output_stride,
         class_names=tuple(cfg.class_names),
-        class_colors=((46, 139, 87), (220, 20, 60)) if len(cfg.class_names) == 2 else _colors(len(cfg.class_names)),
+        class_colors=ModelConfig().class_colors if len(cfg.class_names) == 2 else _colors(len(cfg.class_names)),
         positive_class=cfg.positive_class,
         foreground_name=cfg.foreground_name,
         input_size=cfg.input_size,
@@ -209,12 +209,8 @@ def run_cams(ctx: RunContext) -> dict[str, Any]:
     ckpt = ctx.run_dir / "baseline" / "best_localization.pt"
     if not ckpt.is_file():
         raise StageError(f"{ckpt} not found: run --stage baseline first (same --run-dir)")
-    model, mcfg, _ = load_checkpoint(ckpt)
-    samples = ctx.samples("train")
-    res = evaluate_split(
-        model, samples, mode=ctx.cfg.cam_method, stride=mcfg.output_stride, mean=mcfg.mean, std=mcfg.std,
-        keep_maps=True,
-    )
+    model, _, _ = load_checkpoint(ckpt)
+    res = evaluate_split(model, ctx.samples("train"), mode=ctx.cfg.cam_method, keep_maps=True)
     out = ctx.run_dir / "cams"
     out.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {k: v.astype(np.float16) for k, v in res.maps.items()}
@@ -251,12 +247,11 @@ def evaluate_checkpoint(ctx: RunContext, ckpt: Path, mode: str) -> dict[str, Any
     """valcl accuracy, valpx PxAP and τ (max mIoU on valpx), then test metrics at that τ."""
     if not ckpt.is_file():
         raise StageError(f"{ckpt} not found: run the training stages first (same --run-dir)")
-    model, mcfg, _ = load_checkpoint(ckpt)
-    kw: dict[str, Any] = {"mode": mode, "stride": mcfg.output_stride, "mean": mcfg.mean, "std": mcfg.std}
-    val = evaluate_split(model, ctx.samples("valcl"), pixel_names=set(ctx.splits["valpx"]), **kw)
+    model, _, _ = load_checkpoint(ckpt)
+    val = evaluate_split(model, ctx.samples("valcl"), mode=mode, pixel_names=set(ctx.splits["valpx"]))
     tau_idx = val.counts.best_index()
     test_samples = ctx.samples("test")
-    test = evaluate_split(model, tqdm(test_samples, desc=f"test {ckpt.parent.name}", leave=False), **kw)
+    test = evaluate_split(model, tqdm(test_samples, desc=f"test {ckpt.parent.name}", leave=False), mode=mode)
     return {
         "checkpoint": str(ckpt),
         "map_mode": mode,

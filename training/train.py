@@ -175,7 +175,7 @@ def train_stage(
         state.epoch = epoch + 1
         row: dict[str, Any] = {"epoch": epoch + 1, **losses}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
-            row.update(_validate(model, mcfg, cfg, valcl, valpx_names, mode))
+            row.update(_validate(model, valcl, valpx_names, mode))
             _keep_best(model, mcfg, cfg, state, row, out_dir)
         state.history.append(row)
         logger.info("%s epoch %d/%d %s", stage, epoch + 1, epochs, _fmt(row))
@@ -189,13 +189,9 @@ def train_stage(
     return state
 
 
-def _validate(
-    model: PixelCAM, mcfg: ModelConfig, cfg: TrainConfig, valcl: list[Sample], valpx_names: set[str], mode: str
-) -> dict[str, float]:
+def _validate(model: PixelCAM, valcl: list[Sample], valpx_names: set[str], mode: str) -> dict[str, float]:
     """valcl accuracy and valpx PxAP (valpx ⊂ valcl, so one pass serves both)."""
-    res = evaluate_split(
-        model, valcl, mode=mode, stride=mcfg.output_stride, mean=mcfg.mean, std=mcfg.std, pixel_names=valpx_names
-    )
+    res = evaluate_split(model, valcl, mode=mode, pixel_names=valpx_names)
     return {"valcl_acc": res.accuracy, "valpx_pxap": res.counts.pxap() if res.n_masked else float("nan")}
 
 

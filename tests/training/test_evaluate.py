@@ -23,9 +23,8 @@ def test_whole_image_maps_are_cropped_back_to_the_image(tiny) -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(70, 101, 3), dtype=np.uint8)  # not a multiple of the stride
     sample = Sample(Record("x", None, None, 1, "test"), image)  # type: ignore[arg-type]
-    cfg = tiny.config
     for mode in ("cam", "layercam", "pixel"):
-        logits, fm, full = predict_image(tiny, sample, mode=mode, stride=8, mean=cfg.mean, std=cfg.std)
+        logits, fm, full = predict_image(tiny, sample, mode=mode)
         assert logits.shape == (2,)
         assert fm.shape == (9, 13) and full.shape == (70, 101)
         assert full.min() >= 0 and full.max() <= 1
