@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from service.stitching import decode_heatmap
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -354,9 +356,9 @@ def decode_stored_heatmap(values: np.ndarray) -> np.ndarray:
     stored = np.asarray(values)
     if stored.dtype != np.uint8:
         return stored.astype(np.float32)  # a float heatmap carries NaN itself
-    probs = (stored.astype(np.float32) - 1.0) / 254.0
-    probs[stored == 0] = np.nan
-    return probs
+    prob, covered = decode_heatmap(stored)
+    prob[~covered] = np.nan
+    return prob
 
 
 class TiffHeatmap:
