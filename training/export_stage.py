@@ -14,7 +14,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.export import check_parity, export_onnx
 from model.network import PixelCAM
-from model.runtime import Predictor, read_model_metadata
+from model.runtime import Predictor
 from training.data import WHITE, GeomAug, Sample, apply_geom
 from training.evaluate import evaluate_split, to_input
 from training.metrics import THRESHOLDS
@@ -84,13 +84,13 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     }
     out_dir = ctx.run_dir / "export"
     path = export_onnx(model, mcfg, out_dir / cfg.export_name, fg_threshold=tau, provenance=provenance)
-    meta = read_model_metadata(path)
+    predictor = Predictor(path, providers=["CPUExecutionProvider"])  # export_onnx already validated the file
     tiles = real_tiles(ctx.samples("test"), mcfg.input_size, 8)
     parity = check_parity(model, path, tiles, atol=PARITY_ATOL)
     # an independent reference: the training code's own preprocessing, not the export wrapper's
     with torch.no_grad():
         out = model.eval()(to_input(tiles, mcfg.mean, mcfg.std))
-    pred = Predictor(path, providers=["CPUExecutionProvider"]).predict(tiles)
+    pred = predictor.predict(tiles)
     parity["class_probs_vs_training_path"] = float(
         np.abs(pred.class_probs - torch.softmax(out.class_logits, 1).numpy()).max()
     )
@@ -110,7 +110,7 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
         "onnx": str(path),
         "bytes": path.stat().st_size,
         "fg_threshold": tau,
-        "metadata": meta.to_dict(),
+        "metadata": predictor.metadata.to_dict(),
         "parity_max_abs_diff": parity,
         "parity_tiles": int(len(tiles)),
         "copied_to": copied,
