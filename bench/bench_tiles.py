@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import machine_info  # noqa: E402
 from bench.make_slide import shared_data_dir  # noqa: E402
 from service import constants as C  # noqa: E402
 from service.deepzoom import DeepZoomGeometry  # noqa: E402
@@ -185,7 +186,7 @@ def main() -> int:
             server.wait(timeout=30)
     report = {"slide": str(args.slide), "l0_size_wh": list(l0_wh), "distinct_slide_tiles": len(slide_paths),
               "levels": f"{geo.max_level - args.top_levels + 1}..{geo.max_level}", "connections": args.connections,
-              "wrk_threads": args.threads, "duration_s": args.duration, "cpu_count": os.cpu_count(),
+              "wrk_threads": args.threads, "duration_s": args.duration, "machine": machine_info(),
               "results": results}
     (args.out / "bench_tiles.json").write_text(json.dumps(report, indent=1))
     print(f"slide {args.slide.name} {l0_wh[0]}x{l0_wh[1]}, levels {report['levels']}, "
