@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from service import constants
 from service.redis_server import PrivateRedis
 from service.settings import Settings, get_settings
 
@@ -140,7 +141,7 @@ def serve(settings: Settings) -> int:
     settings = settings.model_copy(update={"storage_dir": storage})
     private: PrivateRedis | None = None
     if not settings.redis_url:
-        private = PrivateRedis(storage / "redis")
+        private = PrivateRedis(storage / constants.REDIS_DIR)
         settings = settings.model_copy(update={"redis_url": private.start()})
     if settings.threads == 0 and settings.workers > 1:
         # local workers share this machine's cores instead of each taking all of them
