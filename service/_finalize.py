@@ -105,7 +105,7 @@ def _frame(plan: JobPlan) -> dict[str, Any]:
 
 
 def _stitch(
-    plan: JobPlan, index: ChunkIndex, job_dir: Path, out: Path, description: str
+    plan: JobPlan, index: ChunkIndex, job_dir: Path, out: Path, description: str, l0_mpp: float
 ) -> tuple[EvidenceCounter, RunTable]:
     """One pass: stitch bands, count evidence, collect positive runs, write the pyramidal TIFF."""
     grid = plan.grid()
@@ -121,7 +121,7 @@ def _stitch(
         out / OUTPUT_FILES["heatmap"],
         collect_runs(counted, plan.threshold, sink),
         grid,
-        l0_mpp=float(plan.slide_info["mpp_x"] + plan.slide_info["mpp_y"]) / 2,
+        l0_mpp=l0_mpp,
         description=description,
     )
     return counter, RunTable.concat(sink)
@@ -196,7 +196,7 @@ def finalize_job(
     description = json.dumps(
         {"pixelcam_heatmap": heatmap_meta, "model_sha256": model_sha256, "slide_sha256": plan.slide_sha256}
     )
-    counter, runs = _stitch(plan, index, folder, out, description)
+    counter, runs = _stitch(plan, index, folder, out, description, l0_mpp)
     t_stitch = time.perf_counter()
     regions = find_regions(runs, min_cells=plan.options.min_region_cells)
     seed = f"{model_sha256}/{plan.slide_sha256 or plan.slide_path}/{json.dumps(provenance['parameters'])}"
