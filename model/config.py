@@ -26,6 +26,7 @@ __all__ = [
     "VIT_INPUT_SIZE",
     "ModelConfig",
     "config_sha256",
+    "is_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,14 +44,19 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 RGB = tuple[int, int, int]
 
 
+def is_rgb(value: Any) -> bool:
+    """True for a sequence of exactly three ints in 0..255 (no strings, no bools)."""
+    return (
+        not isinstance(value, str)
+        and isinstance(value, Sequence)
+        and len(value) == 3
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
+    )
+
+
 def _rgb(value: Any, what: str) -> RGB:
     """Return `value` as an (r, g, b) tuple of ints in 0..255, else raise."""
-    if (
-        isinstance(value, str)
-        or not isinstance(value, Sequence)
-        or len(value) != 3
-        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
-    ):
+    if not is_rgb(value):
         raise ModelConfigError(f"{what} must be an RGB triplet of three ints in 0..255, got {value!r}")
     return (int(value[0]), int(value[1]), int(value[2]))
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from model.config import MAX_INPUT_MPP, MIN_INPUT_MPP
+from model.config import MAX_INPUT_MPP, MIN_INPUT_MPP, is_rgb
 from model.errors import InvalidModelError
 
 __all__ = [
@@ -151,11 +151,7 @@ def _field(doc: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], sou
 
 def _color(value: Any, what: str, source: str) -> RGB:
     """An RGB triplet of ints in 0..255."""
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 3
-        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
-    ):
+    if not is_rgb(value):
         raise _bad(source, f"{what} must be an RGB triplet of three ints in 0..255, got {value!r}")
     return (value[0], value[1], value[2])
 
