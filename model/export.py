@@ -27,11 +27,12 @@ from model.config import ModelConfig, config_sha256
 from model.errors import ExportError, InvalidModelError, ParityError
 from model.network import PixelCAM, build_model
 from model.runtime import (
-    FORMAT,
     FORMAT_VERSION,
     INPUT_NAME,
     METADATA_KEY,
     OUTPUT_NAMES,
+    ClassInfo,
+    ModelMetadata,
     Predictor,
     read_model_metadata,
 )
@@ -103,19 +104,11 @@ def build_metadata(
         "software": _software(),
     }
     prov.update(dict(provenance or {}))
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "classes": [{"name": n, "color": list(c)} for n, c in zip(cfg.class_names, cfg.class_colors, strict=True)],
-        "positive_class": cfg.positive_class,
-        "foreground": {"name": cfg.foreground_name, "color": list(cfg.foreground_color)},
-        "input_size": cfg.input_size,
-        "input_mpp": float(cfg.input_mpp),
-        "output_stride": cfg.output_stride,
-        "fg_threshold": float(fg_threshold),
-        "encoder": cfg.encoder_name,
-        "provenance": prov,
-    }
+    classes = tuple(ClassInfo(n, c) for n, c in zip(cfg.class_names, cfg.class_colors, strict=True))
+    meta = ModelMetadata(FORMAT_VERSION, classes, cfg.positive_class, cfg.foreground_name, cfg.foreground_color,
+                         cfg.input_size, float(cfg.input_mpp), cfg.output_stride, float(fg_threshold),
+                         cfg.encoder_name, prov)
+    return meta.to_dict()  # the runtime's own serialiser: one definition of the document layout
 
 
 def _json_value(obj: Any) -> Any:
