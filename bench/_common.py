@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -171,3 +172,27 @@ def run_child(args: list[str], timeout_s: float) -> dict[str, Any]:
         raise BenchError(f"child {' '.join(args)} printed no JSON report:\n{done.stdout[-2000:]}")
     report: dict[str, Any] = json.loads(lines[-1])
     return report
+
+
+_WRK_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """Requests, rate, latency percentiles in ms and error counts from the summary of ``wrk --latency``."""
+    requests = re.search(r"(\d+) requests in", text)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    lat = {
+        pct: round(float(value) * _WRK_UNIT_MS[unit], 3)
+        for pct, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+    }
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return {
+        "requests": int(requests.group(1)) if requests else 0,
+        "requests_per_s": float(rate.group(1)) if rate else None,
+        "p50_ms": lat.get("50"),
+        "p90_ms": lat.get("90"),
+        "p99_ms": lat.get("99"),
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": sum(int(v) for v in sock.groups()) if sock else 0,
+    }

@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import statistics
@@ -33,7 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info  # noqa: E402
+from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info, parse_wrk  # noqa: E402
 from bench.make_slide import shared_data_dir  # noqa: E402
 from service.deepzoom import DeepZoomGeometry  # noqa: E402
 from service.redis_server import free_port  # noqa: E402
@@ -94,29 +93,6 @@ def run_wrk(base: str, paths: list[str], seconds: int, connections: int, workdir
         cmd += ["-H", f"{name}: {value}"]
     cmd.append(base)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def parse_wrk(text: str) -> dict[str, Any]:
-    """Requests, rate, latency percentiles and every kind of error from wrk's summary."""
-    def number(pattern: str) -> float | None:
-        found = re.search(pattern, text)
-        return float(found.group(1)) if found else None
-
-    def latency_ms(label: str) -> float | None:
-        found = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-        if not found:
-            return None
-        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
-        return round(float(found.group(1)) * scale, 3)
-
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return {
-        "requests": int(number(r"(\d+) requests in") or 0),
-        "requests_per_s": number(r"Requests/sec:\s+([\d.]+)"),
-        "latency_ms": {p: latency_ms(p) for p in ("50%", "90%", "99%")},
-        "non_2xx": int(number(r"Non-2xx or 3xx responses: (\d+)") or 0),
-        "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0,
-    }
 
 
 async def submit_all(base: str, slide_id: str, slide_bytes: bytes, n_jobs: int, submissions: int,
