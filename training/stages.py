@@ -174,7 +174,6 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
     valpx = set(ctx.splits["valpx"])
     state = train_stage(
         model,
-        model.config,
         cfg,
         stage=stage,
         train=ctx.samples("train"),

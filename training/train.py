@@ -143,7 +143,6 @@ def _epochs(stage: str, cfg: TrainConfig) -> int:
 
 def train_stage(
     model: PixelCAM,
-    mcfg: ModelConfig,
     cfg: TrainConfig,
     *,
     stage: str,
@@ -155,6 +154,7 @@ def train_stage(
     resume: dict[str, Any] | None = None,
 ) -> StageState:
     """Train one stage, validating every `eval_every` epochs; writes last / best_* checkpoints to out_dir."""
+    mcfg = model.config
     out_dir.mkdir(parents=True, exist_ok=True)
     epochs = _epochs(stage, cfg)
     opt = make_optimizer(model, stage, cfg)
