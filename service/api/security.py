@@ -59,9 +59,10 @@ ANONYMOUS = Principal(C.ANONYMOUS, admin=True, authenticated=False)
 class RateLimiter:
     """Token buckets per principal: `rate` requests per second with bursts of `burst`; thread-safe."""
 
-    def __init__(self, rate_per_s: float, burst: int) -> None:
+    def __init__(self, rate_per_s: float, burst: int, max_clients: int = 100_000) -> None:
         self.rate = rate_per_s
         self.burst = float(burst)
+        self.max_clients = max_clients
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
 
@@ -71,15 +72,14 @@ class RateLimiter:
             return 0.0
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, last = self._buckets.get(who, (self.burst, now))
+            # popped and put back, so the dict stays ordered by last use and the least recent is first
+            tokens, last = self._buckets.pop(who, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[who] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[who] = (tokens, now)
-            if len(self._buckets) > 100_000:  # forget idle clients rather than grow without bound
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 3600}
-            return (1.0 - tokens) / self.rate
+            allowed = tokens >= 1.0
+            self._buckets[who] = (tokens - 1.0 if allowed else tokens, now)
+            if len(self._buckets) > self.max_clients:  # forget the least recent client: O(1), bounded memory
+                del self._buckets[next(iter(self._buckets))]
+        return 0.0 if allowed else (1.0 - tokens) / self.rate
 
 
 def _is_open(path: str) -> bool:

@@ -213,3 +213,16 @@ def test_short_or_malformed_keys_are_refused_at_startup(tmp_path: Path, redis_ur
         with pytest.raises(ValueError, match="at least 16 characters"):
             make_settings(tmp_path, redis_url, api_keys=bad)
     assert make_settings(tmp_path, redis_url, api_keys=f" {KEY_A} , {KEY_B} ").api_key_list == [KEY_A, KEY_B]
+
+
+def test_rate_limiter_refills_and_forgets_the_least_recent_client_beyond_its_bound() -> None:
+    from service.api.security import RateLimiter
+
+    limiter = RateLimiter(rate_per_s=2.0, burst=2, max_clients=3)
+    assert [limiter.take("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.5]  # burst of 2, then wait 1/rate
+    assert limiter.take("a", now=0.5) == 0.0  # one token back after 0.5 s at 2/s
+    for who in ("b", "c", "a", "d"):  # "b" is now the least recently seen of four clients: forgotten
+        limiter.take(who, now=0.6)
+    assert set(limiter._buckets) == {"c", "a", "d"}
+    assert limiter.take("a", now=0.6) > 0  # a client that is remembered keeps its empty bucket
+    assert limiter.take("b", now=0.6) == 0.0  # a forgotten one starts with a full bucket again
