@@ -97,7 +97,6 @@ class SplitResult:
     counts: PixelCounts
     n_images: int
     n_masked: int
-    predictions: dict[str, int] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # fm maps of the padded images, when kept
 
     def summary(self, tau_index: int | None = None) -> dict[str, Any]:
@@ -124,13 +123,13 @@ def evaluate_split(
     was_training = model.training
     model.eval()
     counts = PixelCounts.empty()
-    preds: dict[str, int] = {}
+    preds: list[int] = []
     maps: dict[str, np.ndarray] = {}
     labels, n_masked = [], 0
     try:
         for sample in samples:
             logits, fm, full = predict_image(model, sample, mode=mode)
-            preds[sample.record.name] = int(np.argmax(logits))
+            preds.append(int(np.argmax(logits)))
             labels.append(sample.record.label)
             if keep_maps:
                 maps[sample.record.name] = fm
@@ -139,5 +138,4 @@ def evaluate_split(
                 n_masked += 1
     finally:
         model.train(was_training)
-    acc = accuracy(np.array(list(preds.values())), np.array(labels))
-    return SplitResult(acc, counts, len(samples), n_masked, preds, maps)
+    return SplitResult(accuracy(np.array(preds), np.array(labels)), counts, len(preds), n_masked, maps)
