@@ -157,17 +157,15 @@ class SlideStore:
         """Open the slide with the core reader and return its info; InvalidUpload with the reader's reason."""
         from service.slides import MissingMppError, SlideError, open_slide
 
+        missing_mpp: str | None = None
         try:
-            slide = open_slide(path)
-        except MissingMppError as err:
-            # Readable but without a physical scale: keep it, jobs must then give `mpp` explicitly.
-            logger.info("slide without mpp accepted (jobs need an mpp override): %s", err)
-            slide = open_slide(path, mpp_override=1.0)
-            info = _info_dict(slide.info)
-            slide.close()
-            _check_overview(info)
-            info.update(mpp_x=None, mpp_y=None, mpp_source=None, mpp_missing=str(err))
-            return info
+            try:
+                slide = open_slide(path)
+            except MissingMppError as err:
+                # Readable but without a physical scale: keep it, jobs must then give `mpp` explicitly.
+                logger.info("slide without mpp accepted (jobs need an mpp override): %s", err)
+                missing_mpp = str(err)
+                slide = open_slide(path, mpp_override=1.0)
         except SlideError as err:
             raise InvalidUpload(f"not a slide this service can read: {err}") from err
         try:
@@ -175,6 +173,8 @@ class SlideStore:
         finally:
             slide.close()
         _check_overview(info)
+        if missing_mpp is not None:
+            info.update(mpp_x=None, mpp_y=None, mpp_source=None, mpp_missing=missing_mpp)
         return info
 
     def find(self, slide_id: str) -> SlideRecord | None:
