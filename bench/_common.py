@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -196,3 +197,22 @@ def parse_wrk(text: str) -> dict[str, Any]:
         "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
         "socket_errors": sum(int(v) for v in sock.groups()) if sock else 0,
     }
+
+
+def wait_ready(
+    base: str, server: subprocess.Popen[Any], timeout_s: float, probe: str = "/readyz", log_hint: str = "its output"
+) -> None:
+    """Poll ``base`` + ``probe`` until it answers 200; fail early if the server process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise BenchError(f"pixelcam serve exited ({server.returncode}); see {log_hint}")
+        try:
+            with urllib.request.urlopen(f"{base}{probe}", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    server.terminate()
+    raise BenchError(f"pixelcam serve at {base} was not ready within {timeout_s:.0f} s; see {log_hint}")

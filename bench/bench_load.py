@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info, parse_wrk  # noqa: E402
+from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info, parse_wrk, wait_ready  # noqa: E402
 from bench.make_slide import shared_data_dir  # noqa: E402
 from service.deepzoom import DeepZoomGeometry  # noqa: E402
 from service.redis_server import free_port  # noqa: E402
@@ -57,18 +57,8 @@ def start_server(storage: Path, port: int, workers: int, api_key: str = "") -> s
     log = (storage.parent / "serve.log").open("wb")
     exe = shutil.which("pixelcam", path=str(Path(sys.executable).parent)) or "pixelcam"
     proc = subprocess.Popen([exe, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"pixelcam serve exited ({proc.returncode}); see {storage.parent / 'serve.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise BenchError("pixelcam serve did not become ready within 120 s")
+    wait_ready(f"http://127.0.0.1:{port}", proc, 120, log_hint=str(storage.parent / "serve.log"))
+    return proc
 
 
 def tile_paths(slide_id: str, width: int, height: int) -> list[str]:

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine_info, parse_wrk  # noqa: E402
+from bench._common import machine_info, parse_wrk, wait_ready  # noqa: E402
 from bench.make_slide import shared_data_dir  # noqa: E402
 from service import constants as C  # noqa: E402
 from service.deepzoom import DeepZoomGeometry  # noqa: E402
@@ -44,18 +43,6 @@ from service.stitching import HeatmapBand, HeatmapGrid, write_heatmap_tiff  # no
 
 HM_DS = 16.0
 JOB_ID = "be" * 16
-
-
-def wait_ready(base: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"server at {base} did not become ready in {timeout_s} s")
 
 
 def upload(base: str, slide: Path) -> dict:
@@ -150,7 +137,7 @@ def main() -> int:
                                    "--port", str(port), "--workers", "0"], cwd=REPO, env=env)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(base)
+            wait_ready(base, server, 60, probe="/healthz")  # no model is served here, so /readyz never turns 200
             slide = upload(base, args.slide)
             l0_wh = tuple(slide["info"]["l0_size_wh"])
             lay_finished_job(settings, slide["slide_id"], l0_wh)  # type: ignore[arg-type]
