@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
 fi
 # torch is pinned in the `train` extra. pip takes a local CPU wheel when its config points at one; from PyPI alone
-# Linux gets the CUDA build (GBs): add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU one.
+# Linux gets the CUDA build (GBs): point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index for the CPU one.
 "$VENV/bin/pip" install -q -e ".[cpu,train,dev]"
 # The viewer's OpenSeadragon comes from its npm package (pinned in package.json), never copied into the repo.
 npm install --no-audit --no-fund --silent
