@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -125,7 +126,8 @@ def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body:
               "mpp": "" if mpp is None else repr(float(mpp)), "owner": who.key_id}
     # a done job whose files are gone from the shared storage is run again instead of pointing at nothing
     missing = not (job_dir(jobs_root, job_id) / "result.json").is_file()
-    with _SUBMIT_LOCK:
+    # the lock only serves the per-key limit: `queue.submit` is atomic on its own (WATCH/MULTI)
+    with _SUBMIT_LOCK if max_active else contextlib.nullcontext():
         if max_active and active_jobs(queue, who) >= max_active:
             existing = queue.r.hget(queue.job_key(job_id), "state")
             if existing is None or existing in C.TERMINAL_STATES:  # asking for a job it has is always fine
