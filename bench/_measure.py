@@ -32,11 +32,11 @@ class NoopPredictor:
         )
 
 
-def plan_for(slide_path: Path, predictor: Any, job_dir: Path) -> Any:
+def plan_for(slide_path: Path, predictor: Any, job_dir: Path, options: Any) -> Any:
     """The pipeline's own tile plan for the slide (same tissue detection and grid as the analysis)."""
-    from service.pipeline import AnalysisOptions, prepare_job
+    from service.pipeline import prepare_job
 
-    return prepare_job(slide_path, predictor.metadata, AnalysisOptions(), job_dir)
+    return prepare_job(slide_path, predictor.metadata, options, job_dir)
 
 
 def measure_model_alone(predictor: Any, tiles: np.ndarray, n_tiles: int, batch: int) -> dict[str, Any]:
@@ -51,12 +51,14 @@ def measure_model_alone(predictor: Any, tiles: np.ndarray, n_tiles: int, batch: 
     return clock.rate(done)
 
 
-def measure_analysis(slide_path: Path, predictor: Any, out_dir: Path, n_tiles: int) -> dict[str, Any]:
+def measure_analysis(
+    slide_path: Path, predictor: Any, out_dir: Path, n_tiles: int, options: Any
+) -> dict[str, Any]:
     """``analyze_slide`` end to end (open, tissue, plan, read, infer, stitch, write outputs)."""
-    from service.pipeline import AnalysisOptions, analyze_slide
+    from service.pipeline import analyze_slide
 
     with clocked() as clock:
-        result = analyze_slide(slide_path, predictor, out_dir, AnalysisOptions())
+        result = analyze_slide(slide_path, predictor, out_dir, options)
     return {**clock.rate(n_tiles), "phases_s": result.result.get("timings_s", {})}
 
 
@@ -105,36 +107,34 @@ def measure_openslide_reading(slide_path: Path, plan: Any, in_side: int, threads
 
 
 def measure_naive(
-    slide_path: Path, plan: Any, torch_model: Any, n_tiles: int, threads: int
+    slide_path: Path, plan: Any, torch_model: Any, n_tiles: int, threads: int, device: str = "cpu"
 ) -> dict[str, Any]:
-    """The naive loop: OpenSlide read_region + torch eager, batch 1, one tile after the other."""
+    """The naive loop: OpenSlide read_region + torch eager, batch 1, one tile after the other, on ``device``.
+
+    Each tile's outputs come back to the host (`.cpu()`) before the next is read, as a user's loop would.
+    """
     import openslide
     import torch
 
     from model.export import OnnxWrapper
 
     torch.set_num_threads(threads)
-    wrapper = OnnxWrapper(torch_model, torch_model.config).eval()
+    wrapper = OnnxWrapper(torch_model.to(device), torch_model.config).eval()
     in_side = torch_model.config.input_size
     picks = np.linspace(0, len(plan.l0_xy) - 1, num=min(n_tiles, len(plan.l0_xy))).astype(int)
     osl = openslide.OpenSlide(str(slide_path))
     try:
         with torch.no_grad():
             for i in picks[:2]:  # warm-up
-                wrapper(
-                    torch.from_numpy(
-                        _openslide_tile(
-                            osl, plan.l0_xy[i], plan.tiles.level, plan.tiles.lvl_tile_size, in_side
-                        )
-                    )[None]
-                )
+                tile = _openslide_tile(osl, plan.l0_xy[i], plan.tiles.level, plan.tiles.lvl_tile_size, in_side)
+                wrapper(torch.from_numpy(tile)[None].to(device))
             with clocked() as clock:
                 for i in picks:
                     tile = _openslide_tile(
                         osl, plan.l0_xy[i], plan.tiles.level, int(plan.tiles.lvl_tile_size), in_side
                     )
-                    probs, fg = wrapper(torch.from_numpy(tile)[None])
-                    probs.numpy(), fg.numpy()
+                    probs, fg = wrapper(torch.from_numpy(tile)[None].to(device))
+                    probs.cpu().numpy(), fg.cpu().numpy()
     finally:
         osl.close()
     return clock.rate(len(picks))

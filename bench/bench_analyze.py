@@ -49,7 +49,7 @@ from _measure import (  # noqa: E402
     plan_for,
     predecoded_tiles,
 )
-from _summary import GOALS, print_summary  # noqa: E402
+from _summary import goals_for, print_summary  # noqa: E402
 from make_slide import SlideSpec, write_slide  # noqa: E402
 
 logger = logging.getLogger("bench_analyze")
@@ -84,30 +84,31 @@ def ensure_model(args: argparse.Namespace) -> tuple[Path, Any, str]:
             "no --checkpoint for %s: the naive loop uses random weights of the same architecture",
             onnx_path.name,
         )
-        torch_model, _ = _random_model(args.seed)
+        torch_model, _ = _random_model(args.seed, args.random_encoder, args.random_width)
         return onnx_path, torch_model, f"{onnx_path.name}; naive loop: same architecture, random weights"
-    onnx_path = BENCH_OUT / f"random-resnet18-w0.5-os8-s{args.seed}.onnx"
+    arch = f"{args.random_encoder}-w{args.random_width:g}-os8"
+    onnx_path = BENCH_OUT / f"random-{arch}-s{args.seed}.onnx"
     ckpt = onnx_path.with_suffix(".pt")
     if onnx_path.is_file() and ckpt.is_file():
         torch_model, _, _ = load_checkpoint(ckpt)
     else:
         from model.export import export_onnx
 
-        torch_model, cfg = _random_model(args.seed)
+        torch_model, cfg = _random_model(args.seed, args.random_encoder, args.random_width)
         save_checkpoint(ckpt, torch_model, cfg)
         export_onnx(torch_model, cfg, onnx_path, provenance={"dataset": "none (random initialisation)"})
     return onnx_path, torch_model, f"{onnx_path.name} (random init, seed {args.seed}) and its checkpoint"
 
 
-def _random_model(seed: int) -> tuple[Any, Any]:
-    """resnet18, width 0.5, output stride 8, input_mpp 1.0, randomly initialised from ``seed``."""
+def _random_model(seed: int, encoder: str = "resnet18", width: float = 0.5) -> tuple[Any, Any]:
+    """``encoder`` at ``width`` (default: the demo's resnet18 x0.5), output stride 8, input_mpp 1.0, random."""
     import torch
 
     from model.config import ModelConfig
     from model.network import build_model
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(encoder_name="resnet18", encoder_width=0.5, output_stride=8, input_mpp=1.0)
+    cfg = ModelConfig(encoder_name=encoder, encoder_width=width, output_stride=8, input_mpp=1.0)
     return build_model(cfg).eval(), cfg
 
 
@@ -156,12 +157,13 @@ def _measure_efficiency(
     predictor: Any, slide: Path, plan: Any, tiles: Any, work: Path, args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Model-alone runs and analyses in alternation; each analysis against the model runs around it."""
-    batch = int(_options().batch_size)
+    options = plan.options
+    batch = int(options.batch_size)
     n_model = min(len(plan), args.model_tiles)
     model_runs = [measure_model_alone(predictor, tiles, n_model, batch)]
     analysis_runs: list[dict[str, Any]] = []
     for k in range(args.repeats):
-        analysis_runs.append(measure_analysis(slide, predictor, work / f"run-warm-{k}", len(plan)))
+        analysis_runs.append(measure_analysis(slide, predictor, work / f"run-warm-{k}", len(plan), options))
         model_runs.append(measure_model_alone(predictor, tiles, n_model, batch))
     model = {
         "batch": batch,
@@ -183,7 +185,15 @@ def _measure_efficiency(
         "in_model_shares": [
             _ratio(float(a["phases_s"].get("chunks_infer", 0.0)), a["wall_s"]) for a in analysis_runs
         ],
-        "reader_threads": int(_options().reader_threads),
+        # the tile phase alone (read + decode + infer, no planning or finalisation) against the model alone
+        "tile_phase_efficiencies": [
+            _ratio(
+                _ratio(len(plan), float(a["phases_s"].get("chunks_wall", 0.0))),
+                (model_runs[k]["per_s"] + model_runs[k + 1]["per_s"]) / 2,
+            )
+            for k, a in enumerate(analysis_runs)
+        ],
+        "reader_threads": int(options.reader_threads),
     }
     return model, analysis
 
@@ -196,12 +206,16 @@ def _ratios(res: dict[str, Any]) -> dict[str, float]:
         "pipeline_efficiency": round(statistics.median(res["analysis"]["pair_efficiencies"]), 3),
         "pipeline_efficiency_cpu": _ratio(model["mean_cpu_s_per_tile"], warm["cpu_s_per_item"]),
         "in_model_share": round(statistics.median(res["analysis"]["in_model_shares"]), 3),
+        "tile_phase_efficiency": round(statistics.median(res["analysis"]["tile_phase_efficiencies"]), 3),
         "reading_ratio": _ratio(pipe["per_s"], osl["per_s"]),
         "reading_ratio_cpu": _ratio(osl["cpu_s_per_item"], pipe["cpu_s_per_item"]),
         "naive_ratio": _ratio(warm["per_s"], naive["per_s"]),
         "naive_ratio_cpu": _ratio(naive["cpu_s_per_item"], warm["cpu_s_per_item"]),
-        "naive_1_thread_ratio_cpu": _ratio(res["naive_1_thread"]["cpu_s_per_item"], warm["cpu_s_per_item"]),
     }
+    if "naive_1_thread" in res:
+        ratios["naive_1_thread_ratio_cpu"] = _ratio(
+            res["naive_1_thread"]["cpu_s_per_item"], warm["cpu_s_per_item"]
+        )
     if "rss" in res:
         ratios["rss_ratio_4x"] = res["rss"]["ratio"]
     return ratios
@@ -210,19 +224,23 @@ def _ratios(res: dict[str, Any]) -> dict[str, float]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement, in one process (plus two children for RSS), on one generated slide."""
     from model.runtime import Predictor
+    from service.pipeline import AnalysisOptions
 
     threads = args.threads
+    options = AnalysisOptions(batch_size=args.batch_size, reader_threads=args.reader_threads or threads)
     results: dict[str, Any] = {"machine": machine_info(), "threads": {"predictor_intra_op": threads}}
     small = ensure_slide(args.width, args.height, args.tissue_fraction, args.seed)
-    large = ensure_slide(2 * args.width, 2 * args.height, args.tissue_fraction, args.seed)
+    # the 4x slide only serves the RSS comparison; generating it is the slowest step on a fresh machine
+    large = None if args.skip_rss else ensure_slide(2 * args.width, 2 * args.height, args.tissue_fraction, args.seed)
     onnx_path, torch_model, model_note = ensure_model(args)
     shown = onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
     predictor = Predictor(onnx_path, threads=threads)
     results["model"] = {"path": str(shown), "note": model_note, "sha256": predictor.sha256}
     in_side = predictor.input_size
     work = Path(tempfile.mkdtemp(prefix="pixelcam-bench-", dir=BENCH_OUT))
-    plan = plan_for(small, predictor, work / "job-small")
-    n_small, n_large = len(plan), len(plan_for(large, predictor, work / "job-large"))
+    plan = plan_for(small, predictor, work / "job-small", options)
+    n_small = len(plan)
+    n_large = 0 if large is None else len(plan_for(large, predictor, work / "job-large", options))
     results["slides"] = {
         "small": {
             "path": small.name,
@@ -231,11 +249,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "level": int(plan.tiles.level),
             "input_size": in_side,
         },
-        "large": {"path": large.name, "tissue_tiles": n_large},
+        "large": None if large is None else {"path": large.name, "tissue_tiles": n_large},
     }
     logger.info("small slide: %d tissue tiles; large: %d", n_small, n_large)
-    tiles = predecoded_tiles(small, plan, in_side, 128)
+    tiles = predecoded_tiles(small, plan, in_side, max(128, 2 * options.batch_size))
     _check_weights(results, torch_model, onnx_path, tiles)
+    if args.backend == "torch":
+        from _torch_backend import TorchPredictor
+
+        predictor = TorchPredictor(torch_model, predictor, args.device, half=args.bf16)
+    results["backend"] = (
+        predictor.describe() if args.backend == "torch" else {"backend": "onnxruntime", "providers": predictor.providers}
+    )
     # The reading paths first (they also warm the page cache), then the model alone and the analysis in
     # alternation, so load drift on a shared machine hits both sides of each efficiency ratio alike.
     results["reading"] = {
@@ -246,25 +271,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results["model_alone"], results["analysis"] = _measure_efficiency(
         predictor, small, plan, tiles, work, args
     )
+    naive_device = args.device if args.backend == "torch" else "cpu"
     results["naive"] = {
-        **measure_naive(small, plan, torch_model, args.naive_tiles, threads),
+        **measure_naive(small, plan, torch_model, args.naive_tiles, threads, naive_device),
         "torch_threads": threads,
+        "device": naive_device,
     }
-    # Per core: torch's OpenMP threads at batch 1 scale badly on a busy machine; one thread shows the cost
-    # without that effect, so the ratio's two causes (runtime, threading) can be told apart.
-    results["naive_1_thread"] = measure_naive(small, plan, torch_model, max(8, args.naive_tiles // 2), 1)
-    if not args.skip_rss:
+    if naive_device == "cpu":
+        # Per core: torch's OpenMP threads at batch 1 scale badly on a busy machine; one thread shows the cost
+        # without that effect, so the ratio's two causes (runtime, threading) can be told apart.
+        results["naive_1_thread"] = measure_naive(small, plan, torch_model, max(8, args.naive_tiles // 2), 1)
+    if large is not None:
         results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
     results["ratios"] = _ratios(results)
-    results["goals"] = GOALS
+    results["goals"] = goals_for(results["backend"])
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     return results
-
-
-def _options() -> Any:
-    from service.pipeline import AnalysisOptions
-
-    return AnalysisOptions()
 
 
 def measure_rss(
@@ -312,9 +334,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint with the --model's weights")
     ap.add_argument("--random-model", action="store_true", help="use a random model even if the demo exists")
+    ap.add_argument(
+        "--random-encoder",
+        default="resnet18",
+        choices=("resnet18", "resnet34", "resnet50"),
+        help="--random-model's encoder (resnet50 x1.0: the paper's encoder, a model of realistic cost)",
+    )
+    ap.add_argument("--random-width", type=float, default=0.5, help="--random-model's encoder width multiplier")
     ap.add_argument("--model-tiles", type=int, default=256, help="tiles for the model-alone measurement")
     ap.add_argument("--naive-tiles", type=int, default=48, help="tiles for the naive loop")
     ap.add_argument("--repeats", type=int, default=2, help="analyses, each bracketed by model-alone runs")
+    ap.add_argument("--batch-size", type=int, default=16, help="analysis and model-alone batch size")
+    ap.add_argument("--reader-threads", type=int, default=None, help="pipeline reader threads (default --threads)")
+    ap.add_argument(
+        "--backend",
+        choices=("onnx", "torch"),
+        default="onnx",
+        help="onnx: onnxruntime (the service's runtime); torch: the same weights in torch on --device, for "
+        "GPU machines without onnxruntime-gpu",
+    )
+    ap.add_argument("--device", default="cuda", help="torch device for --backend torch (naive loop too)")
+    ap.add_argument("--bf16", action="store_true", help="--backend torch: bf16 autocast")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/_out/)")
     ap.add_argument("--child-analyze", type=Path, default=None, help=argparse.SUPPRESS)
