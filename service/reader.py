@@ -160,6 +160,35 @@ def _resize(region: np.ndarray, s: int) -> np.ndarray:
     return cv2.resize(region, (s, s), interpolation=cv2.INTER_AREA)
 
 
+def _region_fast(level: _TiffLevel, fd: int, cache: _TileCache, lvl_x: int, lvl_y: int, size: int) -> np.ndarray:
+    """Assemble a (size, size, 3) level region from source tiles; white outside the level."""
+    out = np.full((size, size, 3), 255, np.uint8)
+    (tw, th), (w, h) = level.grid_tile_wh, level.grid_size_wh
+    x0, y0, x1, y1 = max(lvl_x, 0), max(lvl_y, 0), min(lvl_x + size, w), min(lvl_y + size, h)
+    for ty in range(y0 // th, -(-y1 // th)) if y1 > y0 else ():
+        for tx in range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ():
+            index = ty * level.tiles_across + tx
+            tile = cache.get(index)
+            if tile is None:
+                tile = level.decode(fd, index)
+                cache.put(index, tile)
+            sx0, sy0 = max(x0, tx * tw), max(y0, ty * th)
+            sx1, sy1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+            out[sy0 - lvl_y:sy1 - lvl_y, sx0 - lvl_x:sx1 - lvl_x] = \
+                tile[sy0 - ty * th:sy1 - ty * th, sx0 - tx * tw:sx1 - tx * tw]
+    return out
+
+
+def _fast_tile(level: _TiffLevel, fd: int, cache: _TileCache, l0_xy: tuple[int, int], lvl_tile_size: int,
+               level_downsample: float, input_size: int) -> np.ndarray:
+    """One plan tile through the direct TIFF path, resized to (input_size, input_size, 3) (threads and processes)."""
+    f = level.scale * level_downsample  # level-0 pixels per decoded pixel
+    # round, not floor: with a downsample like 4.0003 a lattice corner maps to 999.93, meaning 1000
+    region = _region_fast(level, fd, cache, int(round(l0_xy[0] / f)), int(round(l0_xy[1] / f)),
+                          max(1, int(round(lvl_tile_size / level.scale))))
+    return _resize(region, input_size)
+
+
 def _decode_scale(plan: TilePlan, input_size: int, tile_wh: tuple[int, int]) -> int:
     """Largest JPEG DCT scale (2, 4 or 8) that keeps at least `input_size` pixels per tile side, exactly.
 
@@ -179,7 +208,10 @@ class TileReader:
     """Reads plan tiles as model inputs; `iter_batches` prefetches on a thread pool so decoding overlaps compute."""
 
     def __init__(self, slide_path_or_slide: str | Path | Slide, plan: TilePlan, input_size: int | None = None,
-                 threads: int | None = None, cache_bytes: int = _CACHE_BYTES, scaled_decode: bool = True) -> None:
+                 threads: int | None = None, cache_bytes: int = _CACHE_BYTES, scaled_decode: bool = True,
+                 processes: int = 0) -> None:
+        if processes < 0:
+            raise ValueError(f"processes must be >= 0 (0: decode on threads), got {processes}")
         if isinstance(slide_path_or_slide, Slide):
             self._path: str | Path = slide_path_or_slide.path
             info = slide_path_or_slide.info
@@ -200,9 +232,21 @@ class TileReader:
         self._local = threading.local()
         self._handles: list[Any] = []
         self._handles_lock = threading.Lock()
+        self._procs: Any = None  # service._procreader.ProcessTileReading when decoding runs in processes
+        if processes and self._level is not None:
+            from service._procreader import ProcessTileReading
+
+            try:
+                self._procs = ProcessTileReading(self, processes, cache_bytes)
+            except BaseException:
+                self._level.close()
+                raise
+        elif processes:  # read_region through OpenSlide releases the GIL: threads scale there
+            self.threads = max(self.threads, processes)
+        self.processes = processes if self._procs is not None else 0
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-reader")
-        logger.info("tile reader: %s path, %d threads, %d tiles", "direct TIFF" if self.fast else "read_region",
-                    self.threads, len(plan))
+        logger.info("tile reader: %s path, %s, %d tiles", "direct TIFF" if self.fast else "read_region",
+                    f"{self.processes} processes" if self.processes else f"{self.threads} threads", len(plan))
 
     @property
     def decode_scale(self) -> int:
@@ -243,24 +287,6 @@ class TileReader:
                 self._handles.append(handle)
         return handle
 
-    def _region_fast(self, level: _TiffLevel, fd: int, lvl_x: int, lvl_y: int, size: int) -> np.ndarray:
-        """Assemble a (size, size, 3) level region from source tiles; white outside the level."""
-        out = np.full((size, size, 3), 255, np.uint8)
-        (tw, th), (w, h) = level.grid_tile_wh, level.grid_size_wh
-        x0, y0, x1, y1 = max(lvl_x, 0), max(lvl_y, 0), min(lvl_x + size, w), min(lvl_y + size, h)
-        for ty in range(y0 // th, -(-y1 // th)) if y1 > y0 else ():
-            for tx in range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ():
-                index = ty * level.tiles_across + tx
-                tile = self._cache.get(index)
-                if tile is None:
-                    tile = level.decode(fd, index)
-                    self._cache.put(index, tile)
-                sx0, sy0 = max(x0, tx * tw), max(y0, ty * th)
-                sx1, sy1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                out[sy0 - lvl_y:sy1 - lvl_y, sx0 - lvl_x:sx1 - lvl_x] = \
-                    tile[sy0 - ty * th:sy1 - ty * th, sx0 - tx * tw:sx1 - tx * tw]
-        return out
-
     def _read_into(self, out: np.ndarray, slot: int, t_index: int) -> None:
         """Read plan tile `t_index`, resized to the input size, into `out[slot]`; TileReadError on failure."""
         try:
@@ -278,13 +304,11 @@ class TileReader:
         size = self.plan.lvl_tile_size
         handle = self._thread_handle()
         if self._level is not None:
-            f = self._level.scale * self.plan.level_downsample  # level-0 pixels per decoded pixel
-            # round, not floor: with a downsample like 4.0003 a lattice corner maps to 999.93, meaning 1000
-            region = self._region_fast(self._level, handle, int(round(l0_x / f)), int(round(l0_y / f)),
-                                       max(1, int(round(size / self._level.scale))))
+            out[slot] = _fast_tile(self._level, handle, self._cache, (l0_x, l0_y), size,
+                                   self.plan.level_downsample, self.input_size)
         else:
             region = handle.read_region((l0_x, l0_y), self.plan.level, (size, size))
-        out[slot] = _resize(region, self.input_size)
+            out[slot] = _resize(region, self.input_size)
 
     def _submit(self, indices: Sequence[int]) -> tuple[np.ndarray, list[Future[None]]]:
         """Start reading `indices` into a new (n, S, S, 3) array."""
@@ -294,6 +318,8 @@ class TileReader:
 
     def read(self, indices: Iterable[int]) -> np.ndarray:
         """Plan tiles `indices` as uint8 (n, S, S, 3), read in parallel."""
+        if self._procs is not None:
+            return self._procs.read(indices)
         out, futures = self._submit(list(indices))
         for fut in futures:
             fut.result()
@@ -302,6 +328,9 @@ class TileReader:
     def iter_batches(self, indices: Iterable[int], batch_size: int, prefetch: int = 2
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices (n,), tiles (n, S, S, 3)) in order, keeping `prefetch` batches in flight ahead."""
+        if self._procs is not None:
+            yield from self._procs.iter_batches(indices, batch_size, prefetch)
+            return
         order = np.asarray(list(indices), np.int64)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         pending: deque[tuple[np.ndarray, np.ndarray, list[Future[None]]]] = deque()
@@ -322,7 +351,9 @@ class TileReader:
                     fut.cancel()
 
     def close(self) -> None:
-        """Stop the pool and release every per-thread handle."""
+        """Stop the pool (and worker processes, releasing their shared memory) and every per-thread handle."""
+        if self._procs is not None:
+            self._procs.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._handles_lock:
             for handle in self._handles:
