@@ -59,7 +59,13 @@ def run_chunk(
     fg = np.zeros((indices.size, plan.fm_size, plan.fm_size), np.float32)
     done, infer_s = 0, 0.0
     own = reader is None and indices.size > 0  # no reader is opened for an empty chunk
-    active = TileReader(slide, plan.tiles, threads=plan.options.reader_threads) if own else reader
+    active = (
+        TileReader(
+            slide, plan.tiles, threads=plan.options.reader_threads, processes=plan.options.reader_processes
+        )
+        if own
+        else reader
+    )
     try:
         for _, batch in active.iter_batches(indices, plan.options.batch_size) if active is not None else ():
             t1 = time.perf_counter()

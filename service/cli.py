@@ -66,6 +66,12 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--batch-size", type=int, default=16, help="tiles per model call (default 16)")
     p.add_argument("--threads", type=int, help="model threads (default: all cores)")
     p.add_argument("--reader-threads", type=int, default=2, help="tile decoding threads (default 2)")
+    p.add_argument(
+        "--reader-processes",
+        type=int,
+        default=0,
+        help="decode TIFF tiles in N processes (many cores and a GPU; default 0: threads)",
+    )
     p.add_argument("--min-tissue", type=float, default=0.1, help="keep tiles with this tissue fraction (0.1)")
     p.add_argument("--overlap", type=float, default=0.0, help="tile overlap fraction in [0, 1) (default 0)")
     p.add_argument(
@@ -116,6 +122,7 @@ def _options(args: argparse.Namespace) -> Any:
             batch_size=args.batch_size,
             hm_downsample=args.hm_downsample,
             reader_threads=args.reader_threads,
+            reader_processes=args.reader_processes,
             write_detections=not args.no_detections,
             geojson_gzip=args.gzip,
         )

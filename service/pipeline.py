@@ -79,6 +79,7 @@ class AnalysisOptions:
     simplify_hm: float = 0.5  # polygon simplification tolerance in heatmap cells
     min_region_cells: int = 4  # drop positive specks smaller than this many heatmap cells (GeoJSON only)
     reader_threads: int = 2
+    reader_processes: int = 0  # > 0: decode TIFF tiles in processes (many cores + GPU; docs/analysis.md)
     geojson_gzip: bool = False
     hash_slide: bool = True  # SHA-256 of the slide file in the provenance (reads the whole file once)
 
@@ -94,6 +95,10 @@ class AnalysisOptions:
             raise ValueError(f"overlap must be in [0, 1) (0.5 = half-tile steps), got {self.overlap}")
         if self.batch_size < 1 or self.chunk_size < 1 or self.reader_threads < 1:
             raise ValueError("batch_size, chunk_size and reader_threads must be >= 1")
+        if not isinstance(self.reader_processes, int) or self.reader_processes < 0:
+            raise ValueError(
+                f"reader_processes must be an integer >= 0 (0: threads), got {self.reader_processes!r}"
+            )
         if self.hm_downsample is not None and not self.hm_downsample > 0:
             raise ValueError(f"hm_downsample must be > 0 level-0 pixels per cell, got {self.hm_downsample}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
@@ -326,7 +331,9 @@ def _infer_plan(
         return
     with (
         open_slide(slide_path, mpp_override=plan.options.mpp_override) as slide,
-        TileReader(slide, plan.tiles, threads=plan.options.reader_threads) as reader,
+        TileReader(
+            slide, plan.tiles, threads=plan.options.reader_threads, processes=plan.options.reader_processes
+        ) as reader,
     ):
         for chunk_id, out_chunk in infer_in_chunks(reader, plan, predictor, tick):
             save_chunk(work, chunk_id, out_chunk)

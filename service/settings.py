@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535, description="port the API binds")
     chunk_size: int = Field(default=64, gt=0, description="tiles per queue message")
     batch_size: int = Field(default=16, gt=0, description="tiles per inference batch")
+    reader_processes: int = Field(default=0, ge=0, description="tile decoding processes per worker (TIFF slides); "
+                                  "0: threads. Worth it with many cores and a GPU (docs/analysis.md)")
     threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads per worker; 0: every core the process may use")
     claim_idle_s: float = Field(default=constants.CLAIM_IDLE_S, gt=0, description="idle time after which a chunk is redone")
     heartbeat_s: float = Field(default=constants.HEARTBEAT_S, gt=0, description="how often a busy worker says it is alive")

@@ -247,7 +247,8 @@ class Worker:
             plan = JobPlan.load(self._job_dir(job_id))
             # batches sized for this worker's device and the slide where this machine mounts the storage,
             # whoever made the plan
-            options = dataclasses.replace(plan.options, batch_size=self.settings.batch_size)
+            options = dataclasses.replace(plan.options, batch_size=self.settings.batch_size,
+                                          reader_processes=self.settings.reader_processes)
             self._plans[key] = dataclasses.replace(plan, options=options, slide_path=str(self._slide_path(job)))
             while len(self._plans) > _MAX_OPEN_SLIDES:
                 self._plans.popitem(last=False)
@@ -262,7 +263,9 @@ class Worker:
             self._readers.move_to_end(key)
             return self._readers[key]
         slide = self._open_slide(job)
-        self._readers[key] = (slide, TileReader(slide, plan.tiles, threads=plan.options.reader_threads))
+        reader = TileReader(slide, plan.tiles, threads=plan.options.reader_threads,
+                            processes=plan.options.reader_processes)
+        self._readers[key] = (slide, reader)
         while len(self._readers) > _MAX_OPEN_SLIDES:
             _, (old_slide, old_reader) = self._readers.popitem(last=False)
             old_reader.close()
@@ -347,7 +350,8 @@ def _options(job: dict[str, str], settings: Settings) -> Any:
     from service.pipeline import AnalysisOptions
 
     values = json.loads(job.get("options") or "{}")
-    values.update(batch_size=settings.batch_size, chunk_size=settings.chunk_size, geojson_gzip=False)
+    values.update(batch_size=settings.batch_size, chunk_size=settings.chunk_size, geojson_gzip=False,
+                  reader_processes=settings.reader_processes)
     return AnalysisOptions.from_dict(values)
 
 

@@ -143,3 +143,17 @@ def test_options_validate_and_record_reader_processes(cmu_small_path: Path) -> N
             AnalysisOptions(reader_processes=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="processes"):
         TileReader(cmu_small_path, _plan(cmu_small_path, 0.499, 240), processes=-1)
+
+
+def test_cli_flag_and_worker_setting_reach_the_options(tmp_path: Path) -> None:
+    from service import cli, worker
+    from service.settings import Settings
+
+    args = cli.build_parser().parse_args(["analyze", "slide.svs", "--reader-processes", "3"])
+    assert cli._options(args).reader_processes == 3
+    with pytest.raises(cli._UsageError, match="reader_processes"):
+        cli._options(cli.build_parser().parse_args(["analyze", "slide.svs", "--reader-processes", "-2"]))
+    settings = Settings(storage_dir=tmp_path, reader_processes=4)
+    job = {"options": '{"min_tissue": 0.2}'}  # a job's options never carry the worker's speed knobs
+    assert worker._options(job, settings).reader_processes == 4
+    assert Settings(storage_dir=tmp_path).to_env()["PIXELCAM_READER_PROCESSES"] == "0"
