@@ -227,7 +227,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from service.pipeline import AnalysisOptions
 
     threads = args.threads
-    options = AnalysisOptions(batch_size=args.batch_size, reader_threads=args.reader_threads or threads)
+    options = AnalysisOptions(batch_size=args.batch_size, reader_threads=args.reader_threads or threads,
+                              reader_processes=args.reader_processes)
     results: dict[str, Any] = {"machine": machine_info(), "threads": {"predictor_intra_op": threads}}
     small = ensure_slide(args.width, args.height, args.tissue_fraction, args.seed)
     # the 4x slide only serves the RSS comparison; generating it is the slowest step on a fresh machine
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="analyses, each bracketed by model-alone runs")
     ap.add_argument("--batch-size", type=int, default=16, help="analysis and model-alone batch size")
     ap.add_argument("--reader-threads", type=int, default=None, help="pipeline reader threads (default --threads)")
+    ap.add_argument("--reader-processes", type=int, default=0, help="pipeline reader processes (default 0: threads)")
     ap.add_argument(
         "--backend",
         choices=("onnx", "torch"),
