@@ -35,7 +35,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         f"code at {m.get('git', 'unknown')}",
         f"threads: predictor intra-op {res['threads']['predictor_intra_op']}, pipeline readers "
         f"{res['analysis']['reader_threads']}, OpenSlide {rd['openslide_threads']}, torch {res['naive']['torch_threads']}",
-        f"model: {res['model']['note']}",
+        f"model: {res['model']['note']}"
+        + (f"; int8: {res['model']['int8']['path']} ({res['model']['int8']['note']})" if "int8" in res["model"] else ""),
         f"backend: {res['backend']}",
         f"slide: {res['slides']['small']['path']}, {res['slides']['small']['tissue_tiles']} tissue tiles "
         f"(read {res['slides']['small']['lvl_tile_size']} px at level {res['slides']['small']['level']}, "

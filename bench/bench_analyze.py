@@ -100,6 +100,22 @@ def ensure_model(args: argparse.Namespace) -> tuple[Path, Any, str]:
     return onnx_path, torch_model, f"{onnx_path.name} (random init, seed {args.seed}) and its checkpoint"
 
 
+def ensure_int8(onnx_path: Path) -> Path:
+    """The int8 QDQ version of ``onnx_path`` (made once, cached beside the bench outputs), as model.quantize's
+    README command makes it: calibrated on 2 crops of each GlaS training image."""
+    from make_slide import shared_data_dir
+
+    from model.quantize import main as quantize_main
+
+    dst = BENCH_OUT / f"{onnx_path.stem}-int8.onnx"
+    if not dst.is_file():
+        glas = shared_data_dir() / "glas" / "images"
+        argv = [str(onnx_path), str(dst), "--calibration-dir", str(glas), "--pattern", "train_*.png"]
+        if quantize_main([*argv, "--source-mpp", "0.62005"]) != 0:
+            raise BenchError(f"quantising {onnx_path.name} failed")
+    return dst
+
+
 def _random_model(seed: int, encoder: str = "resnet18", width: float = 0.5) -> tuple[Any, Any]:
     """``encoder`` at ``width`` (default: the demo's resnet18 x0.5), output stride 8, input_mpp 1.0, random."""
     import torch
@@ -255,6 +271,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("small slide: %d tissue tiles; large: %d", n_small, n_large)
     tiles = predecoded_tiles(small, plan, in_side, max(128, 2 * options.batch_size))
     _check_weights(results, torch_model, onnx_path, tiles)
+    measured_path = onnx_path
+    if args.int8:
+        measured_path = ensure_int8(onnx_path)
+        predictor = Predictor(measured_path, threads=threads)
+        results["model"]["int8"] = {
+            "path": measured_path.name,
+            "sha256": predictor.sha256,
+            "note": "the pipeline runs this int8 QDQ artefact (model.quantize, GlaS train calibration); the "
+            "model-alone runs too; the naive loop runs the fp32 torch weights it was quantised from",
+        }
     if args.backend == "torch":
         from _torch_backend import TorchPredictor
 
@@ -283,7 +309,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # without that effect, so the ratio's two causes (runtime, threading) can be told apart.
         results["naive_1_thread"] = measure_naive(small, plan, torch_model, max(8, args.naive_tiles // 2), 1)
     if large is not None:
-        results["rss"] = measure_rss(small, large, onnx_path, threads, work, n_small, n_large)
+        results["rss"] = measure_rss(small, large, measured_path, threads, work, n_small, n_large)
     results["ratios"] = _ratios(results)
     results["goals"] = goals_for(results["backend"])
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
@@ -358,11 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--device", default="cuda", help="torch device for --backend torch (naive loop too)")
     ap.add_argument("--bf16", action="store_true", help="--backend torch: bf16 autocast")
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="onnx backend: analyse with the model's int8 QDQ version (python -m model.quantize); the naive "
+        "loop keeps the fp32 torch weights",
+    )
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/_out/)")
     ap.add_argument("--child-analyze", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.int8 and args.backend != "onnx":
+        ap.error("--int8 quantises the ONNX model: use it with --backend onnx")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.child_analyze is not None:
         return child_analyze(args.child_analyze, args.model, args.threads, args.child_out)
