@@ -111,7 +111,9 @@ class _Slot:
                 f"reader ({err.strerror}); give /dev/shm more room (Docker: shm_size) or "
                 f"use reader_processes=0",
             ) from err
-        view = np.frombuffer(self.shm.buf, np.uint8)
+        buf = self.shm.buf
+        assert buf is not None  # set until close()
+        view = np.frombuffer(buf, np.uint8)
         self.address = int(view.ctypes.data)
         del view  # no buffer export may outlive this: the parent's mapping closes through the SharedMemory
         self.capacity = capacity

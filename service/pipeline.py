@@ -16,6 +16,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -232,21 +234,25 @@ def prepare_job(
     t0 = time.perf_counter()
     folder = Path(job_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    with open_slide(slide_path, mpp_override=options.mpp_override) as slide:
-        info = slide.info
-        tissue = detect_tissue(slide)
-        tiles = plan_tiles(
-            info,
-            tissue,
-            input_mpp=model_meta.input_mpp,
-            input_size=model_meta.input_size,
-            min_tissue=options.min_tissue,
-            overlap=options.overlap,
-        )
+    local = Path(slide_path)
+    hashing = slide_sha256 is None and options.hash_slide and local.is_file()
+    # the file is hashed on a thread while tissue is detected (hashlib and the slide readers release the GIL)
+    with ThreadPoolExecutor(1, thread_name_prefix="slide-sha256") if hashing else nullcontext() as pool:
+        digest = pool.submit(file_sha256, local) if pool is not None else None
+        with open_slide(slide_path, mpp_override=options.mpp_override) as slide:
+            info = slide.info
+            tissue = detect_tissue(slide)
+            tiles = plan_tiles(
+                info,
+                tissue,
+                input_mpp=model_meta.input_mpp,
+                input_size=model_meta.input_size,
+                min_tissue=options.min_tissue,
+                overlap=options.overlap,
+            )
+        sha = digest.result() if digest is not None else slide_sha256
     if not cv2.imwrite(str(folder / TISSUE_FILE), tissue.mask.astype(np.uint8) * 255):
         raise PipelineError(f"cannot write the tissue mask into {folder}; check that it is writable")
-    local = Path(slide_path)
-    sha = slide_sha256 or (file_sha256(local) if options.hash_slide and local.is_file() else None)
     plan = JobPlan(
         slide_path=str(slide_path),
         slide_info=info.to_dict(),
