@@ -68,7 +68,13 @@ def _versions() -> dict[str, str]:
 
 
 def _git_revision() -> str:
-    """The commit the code was measured at, with '-dirty' when tracked files differ from it."""
+    """The commit the code was measured at, with '-dirty' when tracked files differ from it.
+
+    ``PIXELCAM_BENCH_REVISION`` overrides it, for a copy of a working tree whose git history is not the
+    one it was copied from (a remote GPU machine, say).
+    """
+    if os.environ.get("PIXELCAM_BENCH_REVISION"):
+        return os.environ["PIXELCAM_BENCH_REVISION"]
     try:
         done = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
