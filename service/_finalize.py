@@ -1,7 +1,9 @@
 """Finalizing a job: chunk files -> heatmap.tif, overlay.png, result.geojson and result.json, in one banded pass.
 
 Planes: `hm_` heatmap cells (`l0 = hm * hm_downsample`), `l0_` level-0 slide pixels. The stitched bands flow
-through the evidence counter and the run collector into the TIFF writer, so the heatmap is never held whole.
+through the evidence counter and the region grouper into the TIFF writer, so the heatmap is never held whole;
+the grouper keeps only the regions still open at the current band (finished ones as outlines), and the GeoJSON
+is written a batch of features at a time.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from model.runtime import ModelMetadata
 from service._jobfiles import TISSUE_FILE, ChunkIndex, PipelineError
 from service.geojson import (
     Region,
-    RunTable,
+    RegionGrouper,
     collect_runs,
-    find_regions,
-    region_features,
+    iter_region_features,
     tile_features,
     write_geojson,
 )
@@ -106,25 +107,29 @@ def _frame(plan: JobPlan) -> dict[str, Any]:
 
 def _stitch(
     plan: JobPlan, index: ChunkIndex, job_dir: Path, out: Path, description: str, l0_mpp: float
-) -> tuple[EvidenceCounter, RunTable]:
-    """One pass: stitch bands, count evidence, collect positive runs, write the pyramidal TIFF."""
+) -> tuple[dict[str, Any], list[Region]]:
+    """One pass: stitch bands, count evidence, group positive runs into regions, write the pyramidal TIFF.
+
+    Returns the evidence counts and the regions; the tissue mask goes with the counter.
+    """
     grid = plan.grid()
     tissue = cv2.imread(str(job_dir / TISSUE_FILE), cv2.IMREAD_GRAYSCALE)
     counter = EvidenceCounter(
         grid, plan.threshold, None if tissue is None else tissue > 0, plan.tissue_l0_per_px
     )
+    del tissue  # the counter keeps the boolean mask only
     window = cosine_window((plan.fm_size, plan.fm_size)) if plan.options.blend == "cosine" else None
     bands = stitch_bands(grid, plan.l0_xy, plan.tiles.l0_tile_size, index.load_fg, window=window)
-    sink: list[RunTable] = []
+    grouper = RegionGrouper(min_cells=plan.options.min_region_cells)
     counted = (counter.add(band) for band in bands)
     write_heatmap_tiff(
         out / OUTPUT_FILES["heatmap"],
-        collect_runs(counted, plan.threshold, sink),
+        collect_runs(counted, plan.threshold, grouper),
         grid,
         l0_mpp=l0_mpp,
         description=description,
     )
-    return counter, RunTable.concat(sink)
+    return counter.to_dict(l0_mpp), grouper.regions()
 
 
 def _overlay(plan: JobPlan, out: Path) -> None:
@@ -139,7 +144,7 @@ def _geojson(
     plan: JobPlan, regions: list[Region], index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float
 ) -> Iterator[dict[str, Any]]:
     """Annotations for the positive regions, then (optionally) one tile object per analysed tile."""
-    yield from region_features(
+    yield from iter_region_features(
         regions,
         hm_downsample=plan.hm_downsample,
         l0_size_wh=tuple(plan.slide_info["l0_size_wh"]),
@@ -196,14 +201,21 @@ def finalize_job(
     description = json.dumps(
         {"pixelcam_heatmap": heatmap_meta, "model_sha256": model_sha256, "slide_sha256": plan.slide_sha256}
     )
-    counter, runs = _stitch(plan, index, folder, out, description, l0_mpp)
+    evidence, regions = _stitch(plan, index, folder, out, description, l0_mpp)
     t_stitch = time.perf_counter()
-    regions = find_regions(runs, min_cells=plan.options.min_region_cells)
     seed = f"{model_sha256}/{plan.slide_sha256 or plan.slide_path}/{json.dumps(provenance['parameters'])}"
-    features = _geojson(plan, regions, index, model_meta, seed, l0_mpp)
     suffix = ".gz" if plan.options.geojson_gzip else ""
     geojson_name = OUTPUT_FILES["geojson"] + suffix
-    write_geojson(out / geojson_name, features, {"frame": _frame(plan), **provenance})
+    write_geojson(
+        out / geojson_name,
+        _geojson(plan, regions, index, model_meta, seed, l0_mpp),
+        {"frame": _frame(plan), **provenance},
+    )
+    n_regions = len(regions)
+    top_regions = region_summaries(
+        regions, hm_downsample=plan.hm_downsample, l0_mpp=l0_mpp, l0_offset_xy=plan.l0_offset_xy
+    )
+    del regions  # the outlines are written: the overlay must not find them still held
     t_geojson = time.perf_counter()
     _overlay(plan, out)
     t_overlay = time.perf_counter()
@@ -229,12 +241,10 @@ def finalize_job(
         "message": message,
         "classification": call,
         "evidence": {
-            **counter.to_dict(l0_mpp),
+            **evidence,
             "tiles_analysed": len(plan),
-            "regions": len(regions),
-            "top_regions": region_summaries(
-                regions, hm_downsample=plan.hm_downsample, l0_mpp=l0_mpp, l0_offset_xy=plan.l0_offset_xy
-            ),
+            "regions": n_regions,
+            "top_regions": top_regions,
         },
         "frame": _frame(plan),
         "heatmap": heatmap_meta,
@@ -256,7 +266,7 @@ def finalize_job(
         Path(plan.slide_path).name,
         status,
         call["label"],
-        len(regions),
+        n_regions,
         time.perf_counter() - t0,
     )
     return AnalysisResult(out_dir=out, result=result)

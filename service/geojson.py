@@ -6,8 +6,10 @@ formats whose `openslide.bounds-*` QuPath crops to), which is the frame QuPath u
 `metadata.frame` says which offset was applied.
 
 Regions are polygonised from each heatmap row's runs of positive cells: runs are grouped into 4-connected
-components, and OpenCV traces each component's outline and holes on a doubled grid whose pixels map back to
-exact cell edges (see `service._outlines`), before shapely checks validity and simplifies.
+components band by band (`RegionGrouper`, which keeps only the regions still open at the band's last row), and
+OpenCV traces each finished component's outline and holes on a doubled grid whose pixels map back to exact cell
+edges (see `service._outlines`), before shapely checks validity and simplifies. Features are built and written
+a batch of regions at a time, so neither the grouping nor the GeoJSON holds whole-slide Python objects.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import cv2
 import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
@@ -34,10 +37,12 @@ __all__ = [
     "AREA_KEY",
     "GeoJsonError",
     "Region",
+    "RegionGrouper",
     "RunTable",
     "collect_runs",
     "feature_collection",
     "find_regions",
+    "iter_region_features",
     "region_features",
     "runs_of_band",
     "tile_features",
@@ -49,6 +54,8 @@ logger = logging.getLogger(__name__)
 AREA_KEY = "Area µm^2"
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/pixelcam/pixelcam/geojson")
 COORD_DECIMALS = 2
+GROUP_ROWS = 256  # heatmap rows per block when `find_regions` groups a whole run table
+FEATURE_POINTS = 1 << 14  # outline points per batch of features (the shapely work is vectorised per batch)
 
 
 class GeoJsonError(ValueError):
@@ -76,6 +83,14 @@ class RunTable:
     def __len__(self) -> int:
         return int(self.hm_row.shape[0])
 
+    def take(self, index: np.ndarray | slice) -> RunTable:
+        """The runs at `index` (an index array or boolean mask, in that order; a slice gives views)."""
+        return RunTable(*(getattr(self, f)[index] for f in RunTable.__annotations__))
+
+    def copy(self) -> RunTable:
+        """A copy owning its arrays (a slice's views would keep the whole table alive)."""
+        return RunTable(*(getattr(self, f).copy() for f in RunTable.__annotations__))
+
 
 @dataclass(frozen=True)
 class Region:
@@ -96,86 +111,203 @@ class Region:
 def runs_of_band(band: HeatmapBand, threshold: float) -> RunTable:
     """The runs of analysed cells with probability >= `threshold` in one band."""
     positive = band.covered & (band.prob >= threshold)
-    h, w = positive.shape
     step = np.diff(positive.astype(np.int8), axis=1, prepend=0, append=0)
     rows, x0 = np.nonzero(step == 1)
     _, x1 = np.nonzero(step == -1)
     if rows.size == 0:
         return RunTable.concat([])
-    flat = np.concatenate([band.prob.astype(np.float64).ravel(), [0.0]])
-    bounds = np.stack([rows * w + x0, rows * w + x1], axis=1).ravel()
-    sums = np.add.reduceat(flat, bounds)[::2]
-    maxes = np.maximum.reduceat(flat, bounds)[::2]
+    # the positive cells in row-major order are the runs back to back: reduce each run's slice of them
+    cells = band.prob[positive].astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(x1 - x0)[:-1]])
+    sums = np.add.reduceat(cells, starts)
+    maxes = np.maximum.reduceat(cells, starts)
     return RunTable(rows.astype(np.int64) + band.hm_y0, x0.astype(np.int64), x1.astype(np.int64), sums, maxes)
 
 
-def collect_runs(
-    bands: Iterable[HeatmapBand], threshold: float, sink: list[RunTable]
-) -> Iterator[HeatmapBand]:
+class RunSink(Protocol):
+    """Where `collect_runs` puts each band's runs: a list, or a `RegionGrouper` that groups them as they come."""
+
+    def append(self, runs: RunTable, /) -> None: ...
+
+
+def collect_runs(bands: Iterable[HeatmapBand], threshold: float, sink: RunSink) -> Iterator[HeatmapBand]:
     """Pass bands through unchanged while appending their positive runs to `sink` (one pass, two consumers)."""
     for band in bands:
         sink.append(runs_of_band(band, threshold))
         yield band
 
 
-def _components(runs: RunTable) -> np.ndarray:
-    """Label of each run's 4-connected component (runs on adjacent rows that overlap in x are connected)."""
-    n = len(runs)
-    row, x0, x1 = runs.hm_row, runs.hm_x0, runs.hm_x1
-    span = int(max(x1.max(), 1)) + 1
-    # runs are sorted by (row, x0) and disjoint within a row, so x1 is sorted the same way
-    key_x0, key_x1 = row * span + x0, row * span + x1
-    lo = np.searchsorted(key_x1, (row - 1) * span + x0, side="right")
-    hi = np.searchsorted(key_x0, (row - 1) * span + x1, side="left")
-    counts = np.maximum(hi - lo, 0)
-    below = np.repeat(np.arange(n), counts)
-    above = np.concatenate(
-        [np.arange(a, b) for a, b in zip(lo, hi, strict=True) if b > a] or [np.zeros(0, np.int64)]
-    )
-    parent = list(range(n))
+class _Merges:
+    """Union-find over the ids of open regions, for the few merges one band causes (roots are the smaller ids)."""
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def root(self, i: int) -> int:
+        while (p := self.parent.get(i, i)) != i:
+            i = p
         return i
 
-    for i, j in zip(below.tolist(), above.tolist(), strict=True):
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return np.array([root(i) for i in range(n)], np.int64)
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.root(a), self.root(b)
+        if ra != rb:
+            ra, rb = min(ra, rb), max(ra, rb)
+            self.parent[rb] = ra
+        return ra
+
+
+class RegionGrouper:
+    """Groups runs into 4-connected regions band by band, holding only the regions still open.
+
+    Feed it the run tables of successive bands with `append` (top to bottom: every row of a table below the
+    previous table's rows, and each row's runs in one table, sorted by x). Runs are connected when they lie on
+    adjacent rows and overlap in x; each table is labelled with OpenCV on a canvas of its rows plus the previous
+    table's last row, whose runs carry the ids of the regions open there. A region that no run of the newest
+    last row belongs to is finished at once: dropped when smaller than `min_cells`, else traced into its exact
+    outline, so memory holds the open regions' runs and the finished outlines, never the slide's run table.
+    `regions()` then gives the same list, in the same order, as grouping the whole table at once.
+    """
+
+    def __init__(self, min_cells: int = 1) -> None:
+        self.min_cells = min_cells
+        self._open: dict[int, list[RunTable]] = {}  # open region id -> its runs, one table per band
+        self._cells: dict[int, int] = {}  # open region id -> its cells so far
+        self._front = RunTable.concat([])  # the runs on the last row seen...
+        self._front_ids = np.zeros(0, np.int64)  # ...and the open region each belongs to
+        self._last_row = -1
+        self._next_id = 0
+        # (sort key, region): the key is the final order's, then the first run's (row, x0) for exact ties
+        self._done: list[tuple[tuple[Any, ...], Region]] = []
+
+    def append(self, runs: RunTable) -> None:
+        """Group one band's runs; finish the regions it does not continue."""
+        if len(runs) == 0:
+            self._finish(list(self._open))
+            self._front, self._front_ids = runs, np.zeros(0, np.int64)
+            return
+        row = runs.hm_row
+        first, last = int(row[0]), int(row[-1])
+        if first <= self._last_row:
+            raise GeoJsonError(
+                f"runs of row {first} came after row {self._last_row}; feed bands top to bottom"
+            )
+        joined = len(self._front) > 0 and first == self._last_row + 1
+        front = self._front if joined else RunTable.concat([])
+        top = self._last_row if joined else first
+        labels = _label_runs(
+            np.concatenate([front.hm_row, row]) - top,
+            np.concatenate([front.hm_x0, runs.hm_x0]),
+            np.concatenate([front.hm_x1, runs.hm_x1]),
+            last - top + 1,
+        )
+        front_labels, run_labels = labels[: len(front)], labels[len(front) :]
+        n_old = self._next_id
+        ids = self._region_ids(front_labels, self._front_ids[: len(front)], run_labels)
+        run_ids = ids[run_labels]
+        order = np.argsort(run_ids, kind="stable")  # (row, x0) order kept within each region
+        grouped = runs.take(order)
+        starts = np.flatnonzero(np.diff(run_ids[order], prepend=-1))
+        ends = np.append(starts[1:], len(order))
+        region_ids = run_ids[order][starts]
+        cells = np.add.reduceat(grouped.hm_x1 - grouped.hm_x0, starts)
+        on_last = row == last
+        open_now = np.isin(region_ids, run_ids[on_last])
+        # a region that starts and ends in this band and is too small is never stored
+        skip = (region_ids >= n_old) & ~open_now & (cells < self.min_cells)
+        for i in np.flatnonzero(~skip).tolist():
+            region = int(region_ids[i])
+            part = grouped.take(slice(int(starts[i]), int(ends[i])))
+            self._open.setdefault(region, []).append(part if not open_now[i] else part.copy())
+            self._cells[region] = self._cells.get(region, 0) + int(cells[i])
+        self._front, self._front_ids = runs.take(on_last), run_ids[on_last]
+        self._last_row = last
+        still_open = set(region_ids[open_now].tolist())
+        self._finish([i for i in self._open if i not in still_open])
+
+    def _region_ids(
+        self, front_labels: np.ndarray, front_ids: np.ndarray, run_labels: np.ndarray
+    ) -> np.ndarray:
+        """The region id of each OpenCV label: the open region(s) it continues (merged), else a new one."""
+        n_labels = int(max(front_labels.max(initial=0), run_labels.max(initial=0))) + 1
+        merges = _Merges()
+        of_label = np.full(n_labels, -1, np.int64)
+        for label, region in zip(front_labels.tolist(), front_ids.tolist(), strict=True):
+            of_label[label] = region if of_label[label] < 0 else merges.union(int(of_label[label]), region)
+        for old in list(merges.parent):  # a U-shape closing below: move the arms' runs into one region
+            root = merges.root(old)
+            self._open[root].extend(self._open.pop(old))
+            self._cells[root] += self._cells.pop(old)
+        for label in np.flatnonzero(of_label >= 0).tolist():
+            of_label[label] = merges.root(int(of_label[label]))
+        fresh = np.flatnonzero(of_label < 0)
+        of_label[fresh] = np.arange(self._next_id, self._next_id + fresh.size)
+        self._next_id += int(fresh.size)
+        return of_label
+
+    def _finish(self, ids: list[int]) -> None:
+        """Trace the finished regions of at least `min_cells` cells (one vectorised `outlines` call)."""
+        kept: list[tuple[RunTable, int]] = []
+        traced = []
+        for i in ids:
+            parts, cells = self._open.pop(i), self._cells.pop(i)
+            if cells < self.min_cells:
+                continue
+            runs = parts[0]
+            if len(parts) > 1:  # back to (row, x0) order: merged arms interleave rows
+                runs = RunTable.concat(parts)
+                runs = runs.take(np.lexsort((runs.hm_x0, runs.hm_row)))
+            kept.append((runs, cells))
+            traced.append(traced_rings(runs.hm_row, runs.hm_x0, runs.hm_x1))
+        if not kept:
+            return
+        for (runs, cells), outline in zip(kept, outlines(traced), strict=True):
+            region = Region(
+                hm_polygon=outline,
+                cells=cells,
+                mean_prob=float(runs.prob_sum.sum() / cells),
+                max_prob=float(runs.prob_max.max()),
+            )
+            self._done.append(((-cells, region.hm_bounds, int(runs.hm_row[0]), int(runs.hm_x0[0])), region))
+
+    @property
+    def open_regions(self) -> int:
+        """How many regions are open: only these have their runs held."""
+        return len(self._open)
+
+    def regions(self) -> list[Region]:
+        """Finish the regions still open and return all of them, largest first (then by bounds)."""
+        self._finish(list(self._open))
+        self._front, self._front_ids = RunTable.concat([]), np.zeros(0, np.int64)
+        self._done.sort(key=lambda item: item[0])
+        return [region for _, region in self._done]
+
+
+def _label_runs(row: np.ndarray, x0: np.ndarray, x1: np.ndarray, height: int) -> np.ndarray:
+    """OpenCV's 4-connected component label of each run (rows counted from 0), drawn on a `height`-row canvas."""
+    width = int(x1.max()) + 1
+    edges = np.zeros(height * width, np.int8)
+    np.add.at(edges, row * width + x0, 1)
+    np.add.at(edges, row * width + x1, -1)
+    canvas = np.cumsum(edges.reshape(height, width), axis=1, dtype=np.int8).view(
+        np.uint8
+    )  # 0/1: disjoint runs
+    _, labels = cv2.connectedComponents(canvas, connectivity=4, ltype=cv2.CV_32S)
+    label_of_run: np.ndarray = labels[row, x0]
+    return label_of_run
 
 
 def find_regions(runs: RunTable, *, min_cells: int = 1) -> list[Region]:
-    """Group the runs into 4-connected regions with holes; drop regions smaller than `min_cells`."""
-    if len(runs) == 0:
-        return []
-    order = np.lexsort((runs.hm_x0, runs.hm_row))
-    runs = RunTable(*(getattr(runs, f)[order] for f in RunTable.__annotations__))
-    labels = _components(runs)
-    by_label = np.argsort(labels, kind="stable")
-    starts = np.flatnonzero(np.diff(labels[by_label], prepend=-1))
-    lengths = runs.hm_x1 - runs.hm_x0
-    kept, traced = [], []
-    for members in np.split(by_label, starts[1:]):
-        cells = int(lengths[members].sum())
-        if cells >= min_cells:
-            kept.append((members, cells))
-            traced.append(traced_rings(runs.hm_row[members], runs.hm_x0[members], runs.hm_x1[members]))
-    if not kept:
-        return []
-    regions = [
-        Region(
-            hm_polygon=outline,
-            cells=cells,
-            mean_prob=float(runs.prob_sum[members].sum() / cells),
-            max_prob=float(runs.prob_max[members].max()),
-        )
-        for (members, cells), outline in zip(kept, outlines(traced), strict=True)
-    ]
-    regions.sort(key=lambda r: (-r.cells, r.hm_bounds))
-    return regions
+    """Group the runs into 4-connected regions with holes; drop regions smaller than `min_cells`.
+
+    The whole-table form of `RegionGrouper` (fed `GROUP_ROWS` rows at a time); regions come largest first.
+    """
+    grouper = RegionGrouper(min_cells)
+    if len(runs):
+        runs = runs.take(np.lexsort((runs.hm_x0, runs.hm_row)))
+        block = runs.hm_row // GROUP_ROWS
+        for part in np.split(np.arange(len(runs)), np.flatnonzero(np.diff(block)) + 1):
+            grouper.append(runs.take(part))
+    return grouper.regions()
 
 
 def _feature_id(seed: str | None, kind: str, index: int) -> str:
@@ -217,8 +349,10 @@ def _geometries(geoms: np.ndarray) -> list[dict[str, Any]]:
     for i in np.flatnonzero(~shapely.is_valid(rounded)).tolist():
         snapped = shapely.set_precision(geoms[i], 10.0**-COORD_DECIMALS)
         rounded[i] = shapely.transform(shapely.orient_polygons(snapped), _round_coords)
-    kinds = ["MultiPolygon" if t == shapely.GeometryType.MULTIPOLYGON else "Polygon"
-             for t in shapely.get_type_id(rounded).tolist()]
+    kinds = [
+        "MultiPolygon" if t == shapely.GeometryType.MULTIPOLYGON else "Polygon"
+        for t in shapely.get_type_id(rounded).tolist()
+    ]
     return [{"type": k, "coordinates": c} for k, c in zip(kinds, _coordinates(rounded), strict=True)]
 
 
@@ -250,20 +384,89 @@ def region_features(
 ) -> list[dict[str, Any]]:
     """QuPath annotations, one per region: Polygon (or MultiPolygon after clipping), with area and probability.
 
-    The shapely work runs on all regions at once (simplify, scale, orient, round); only the rare regions that
-    cross the slide's edge or turn invalid are handled one by one.
+    The list form of `iter_region_features` (same features, same order).
     """
-    if not regions:
-        return []
+    return list(
+        iter_region_features(
+            regions,
+            hm_downsample=hm_downsample,
+            l0_size_wh=l0_size_wh,
+            l0_mpp=l0_mpp,
+            name=name,
+            color=color,
+            l0_offset_xy=l0_offset_xy,
+            simplify_hm=simplify_hm,
+            seed=seed,
+        )
+    )
+
+
+def iter_region_features(
+    regions: Sequence[Region],
+    *,
+    hm_downsample: float,
+    l0_size_wh: tuple[int, int],
+    l0_mpp: float,
+    name: str,
+    color: Sequence[int],
+    l0_offset_xy: tuple[float, float] = (0.0, 0.0),
+    simplify_hm: float = 0.5,
+    seed: str | None = None,
+    batch_points: int = FEATURE_POINTS,
+) -> Iterator[dict[str, Any]]:
+    """`region_features` as a generator, a batch of regions at a time, so `write_geojson` never holds them all.
+
+    A batch holds regions of about `batch_points` outline points in all (at least one region): the largest
+    regions come first and hold most of the points, so a count of regions would not bound the batch. Region i
+    is named and numbered by its place in `regions` whatever the batches, so the output does not depend on
+    them. The shapely work runs on a whole batch at once (simplify, scale, orient, round); only the rare regions
+    that cross the slide's edge or turn invalid are handled one by one.
+    """
+    points = np.cumsum(shapely.get_num_coordinates(np.array([r.hm_polygon for r in regions], dtype=object)))
+    start = 0
+    while start < len(regions):
+        done = int(points[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(points, done + batch_points, side="right")))
+        yield from _region_batch(
+            regions[start:stop],
+            start,
+            hm_downsample=float(hm_downsample),
+            l0_size_wh=l0_size_wh,
+            l0_mpp=l0_mpp,
+            name=name,
+            color=[int(c) for c in color],
+            l0_offset_xy=l0_offset_xy,
+            simplify_hm=simplify_hm,
+            seed=seed,
+        )
+        start = stop
+
+
+def _region_batch(
+    regions: Sequence[Region],
+    first: int,
+    *,
+    hm_downsample: float,
+    l0_size_wh: tuple[int, int],
+    l0_mpp: float,
+    name: str,
+    color: list[int],
+    l0_offset_xy: tuple[float, float],
+    simplify_hm: float,
+    seed: str | None,
+) -> list[dict[str, Any]]:
+    """The features of `regions`, the first of which is region number `first` (0-based) of the slide."""
     l0_clip = shapely.box(0, 0, *l0_size_wh)
     hm = np.array([r.hm_polygon for r in regions], dtype=object)
     simple = shapely.simplify(hm, simplify_hm, preserve_topology=True)
     for i in np.flatnonzero(~shapely.is_valid(simple)).tolist():
         simple[i] = shapely.make_valid(simple[i], method="structure")
     hm_bounds = shapely.bounds(hm)
-    crosses = (hm_bounds[:, 2] * hm_downsample > l0_size_wh[0]) | (hm_bounds[:, 3] * hm_downsample > l0_size_wh[1])
+    crosses = (hm_bounds[:, 2] * hm_downsample > l0_size_wh[0]) | (
+        hm_bounds[:, 3] * hm_downsample > l0_size_wh[1]
+    )
     geoms = _to_l0(simple, hm_downsample, l0_offset_xy, None)
-    l0_area = np.array([r.cells for r in regions], np.float64) * float(hm_downsample) ** 2  # exact: cell edges
+    l0_area = np.array([r.cells for r in regions], np.float64) * hm_downsample**2  # exact: cell edges
     kept = []
     for i in range(len(regions)):
         if crosses[i]:
@@ -271,7 +474,9 @@ def region_features(
             geoms[i] = _to_l0(simple[i], hm_downsample, l0_offset_xy, l0_clip)
         geom = geoms[i]
         if geom.is_empty or not isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
-            geoms[i] = shapely.union_all([g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)])
+            geoms[i] = shapely.union_all(
+                [g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)]
+            )
             if geoms[i].is_empty:
                 continue
         kept.append(i)
@@ -279,12 +484,12 @@ def region_features(
     return [
         {
             "type": "Feature",
-            "id": _feature_id(seed, "region", i),
+            "id": _feature_id(seed, "region", first + i),
             "geometry": geometry,
             "properties": {
                 "objectType": "annotation",
-                "name": f"{name} {i + 1}",
-                "classification": {"name": name, "color": [int(c) for c in color]},
+                "name": f"{name} {first + i + 1}",
+                "classification": {"name": name, "color": list(color)},
                 "measurements": {
                     AREA_KEY: round(float(l0_area[i]) * l0_mpp**2, 2),
                     "Mean probability": round(regions[i].mean_prob, 4),
