@@ -50,6 +50,7 @@ NODATA = 0
 TIFF_TILE = 256
 BAND_CELLS = 1 << 19  # cells per stitched band (2 MB per float32 array)
 _HALVE_COLS = 2048  # columns halved at a time when building pyramid levels
+_OVERLAY_ROWS = 64  # thumbnail rows blended at a time (float32 copies of 64 x 1024 px: 0.8 MB each)
 
 FgLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """Sorted tile indices -> (indices actually available (n,), fg maps float (n, fm_h, fm_w))."""
@@ -371,10 +372,15 @@ def render_overlay(
     canvas[: min(th, size_wh[1]), : min(tw, size_wh[0])] = resized[:th, :tw]
     prob, covered = decode_heatmap(canvas)
     colour = cv2.applyColorMap(np.rint(prob * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[:, :, ::-1]
-    out = thumb_rgb.astype(np.float32)
-    mask = covered[:, :, None]
-    out = np.where(mask, (1 - alpha) * out + alpha * colour.astype(np.float32), out)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    del prob, canvas
+    out = np.empty((th, tw, 3), np.uint8)
+    for r0 in range(0, th, _OVERLAY_ROWS):  # float32 blending a few rows at a time, not on whole-image copies
+        rows = slice(r0, r0 + _OVERLAY_ROWS)
+        px = thumb_rgb[rows].astype(np.float32)
+        tinted = (1 - alpha) * px + alpha * colour[rows].astype(np.float32)
+        blended = np.where(covered[rows, :, None], tinted, px)
+        out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def write_overlay_png(path: str | os.PathLike[str], overlay_rgb: np.ndarray) -> None:

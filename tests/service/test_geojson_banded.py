@@ -18,7 +18,7 @@ from service.geojson import (
     region_features,
     runs_of_band,
 )
-from service.stitching import HeatmapBand
+from service.stitching import HeatmapBand, HeatmapGrid, encode_heatmap, render_overlay
 
 
 def _bands(prob: np.ndarray, covered: np.ndarray, height: int) -> list[HeatmapBand]:
@@ -166,3 +166,21 @@ def test_features_in_batches_equal_the_features_of_all_regions(batch_points: int
     assert batched == every
     assert 0 < len(every) < len(regions)  # the slide ends inside the heatmap: some regions are clipped away
     assert [f["properties"]["name"] for f in every[:2]] == ["G 1", "G 2"]
+
+
+def test_banded_overlay_equals_the_formula_on_the_whole_image() -> None:
+    grid = HeatmapGrid(l0_size_wh=(800, 1500), hm_downsample=10.0)  # 80 x 150 cells
+    rng = np.random.default_rng(2)
+    covered = rng.random((150, 80)) < 0.7
+    values = encode_heatmap(rng.random((150, 80)).astype(np.float32), covered)
+    thumb = rng.integers(0, 256, (300, 160, 3), dtype=np.uint8)  # several blending bands
+    overlay = render_overlay(thumb, values, grid, alpha=0.45)
+    hm = cv2.resize(values, (160, 300), interpolation=cv2.INTER_NEAREST)
+    prob, mask = (hm.astype(np.float32) - 1) / 254, hm > 0
+    colour = cv2.applyColorMap(np.rint(np.where(mask, prob, 0) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[
+        :, :, ::-1
+    ]
+    whole = np.where(
+        mask[:, :, None], 0.55 * thumb.astype(np.float32) + 0.45 * colour.astype(np.float32), thumb
+    )
+    np.testing.assert_array_equal(overlay, np.clip(np.rint(whole), 0, 255).astype(np.uint8))
