@@ -59,7 +59,11 @@ def measure_analysis(
 
     with clocked() as clock:
         result = analyze_slide(slide_path, predictor, out_dir, options)
-    return {**clock.rate(n_tiles), "phases_s": result.result.get("timings_s", {})}
+    return {
+        **clock.rate(n_tiles),
+        "phases_s": result.result.get("timings_s", {}),
+        "regions": result.result.get("evidence", {}).get("regions"),
+    }
 
 
 def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -> dict[str, Any]:
