@@ -150,6 +150,96 @@ def child_analyze(slide: Path, model: Path, threads: int, out_dir: Path) -> int:
     return 0
 
 
+def measured_predictor(args: argparse.Namespace, onnx_path: Path, torch_model: Any, fp32: Any) -> tuple[Any, Path]:
+    """The predictor the analyses run (fp32 ONNX, its int8 version, or the torch backend) and its ONNX file."""
+    from model.runtime import Predictor
+
+    path, predictor = onnx_path, fp32
+    if args.int8:
+        path = ensure_int8(onnx_path)
+        predictor = Predictor(path, threads=args.threads)
+    if args.backend == "torch":
+        from _torch_backend import TorchPredictor
+
+        predictor = TorchPredictor(torch_model, predictor, args.device, half=args.bf16)
+    return predictor, path
+
+
+def describe_backend(predictor: Any) -> dict[str, Any]:
+    """The runtime and device behind a predictor, for the JSON."""
+    if hasattr(predictor, "describe"):
+        return dict(predictor.describe())
+    return {"backend": "onnxruntime", "providers": predictor.providers}
+
+
+def _analysis_options(args: argparse.Namespace) -> Any:
+    from service.pipeline import AnalysisOptions
+
+    return AnalysisOptions(
+        batch_size=args.batch_size,
+        reader_threads=args.reader_threads or args.threads,
+        reader_processes=args.reader_processes,
+    )
+
+
+def child_stream(args: argparse.Namespace) -> int:
+    """One of --streams concurrent analysers: warm up, wait for the common start, analyse, report times."""
+    from model.runtime import Predictor
+    from service.pipeline import analyze_slide
+
+    onnx_path, torch_model, _ = ensure_model(args)
+    predictor, _ = measured_predictor(args, onnx_path, torch_model, Predictor(onnx_path, threads=args.threads))
+    options = _analysis_options(args)
+    out = Path(tempfile.mkdtemp(prefix="stream-", dir=BENCH_OUT))
+    analyze_slide(args.child_stream, predictor, out / "warm", options)  # untimed: pools, kernels, caches
+    time.sleep(max(0.0, args.start_at - time.time()))
+    t0, tiles = time.time(), 0
+    for k in range(args.repeats):
+        result = analyze_slide(args.child_stream, predictor, out / f"run-{k}", options)
+        tiles += int(result.result["evidence"]["tiles_analysed"])
+    print(json.dumps({"start": t0, "end": time.time(), "tiles": tiles, "analyses": args.repeats}))
+    return 0
+
+
+def measure_streams(args: argparse.Namespace, n_tiles: int, model_per_s: float) -> dict[str, Any]:
+    """--streams processes analysing the slide at once (as several workers sharing one GPU would): the
+    aggregate tiles/s over the window in which all ran, against the model alone in one process."""
+    import subprocess
+
+    start_at = time.time() + args.stream_warmup_s
+    argv = list(sys.argv[1:]) + ["--child-stream", str(ensure_slide(args.width, args.height,
+                                                                          args.tissue_fraction, args.seed)),
+                                        "--start-at", str(start_at)]
+    procs = [
+        subprocess.Popen([sys.executable, "bench/bench_analyze.py", *argv], cwd=REPO_ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(args.streams)
+    ]
+    reports = []
+    for proc in procs:
+        stdout, _ = proc.communicate(timeout=3600)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise BenchError(f"a stream process failed ({proc.returncode}); rerun it alone to see why")
+        reports.append(json.loads(lines[-1]))
+    if min(r["start"] for r in reports) < start_at - 1.0:
+        raise BenchError("a stream started before the others were ready; raise --stream-warmup-s")
+    late = max(r["start"] for r in reports) - start_at
+    window = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    tiles = sum(r["tiles"] for r in reports)
+    return {
+        "streams": args.streams,
+        "analyses_each": args.repeats,
+        "tiles_per_analysis": n_tiles,
+        "tiles": tiles,
+        "window_s": round(window, 3),
+        "late_start_s": round(late, 3),
+        "per_s": round(tiles / window, 3),
+        "efficiency": _ratio(tiles / window, model_per_s),
+        "each": reports,
+    }
+
+
 def _ratio(num: float, den: float) -> float:
     return round(num / den, 3) if den > 0 else float("nan")
 
@@ -240,11 +330,9 @@ def _ratios(res: dict[str, Any]) -> dict[str, float]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement, in one process (plus two children for RSS), on one generated slide."""
     from model.runtime import Predictor
-    from service.pipeline import AnalysisOptions
 
     threads = args.threads
-    options = AnalysisOptions(batch_size=args.batch_size, reader_threads=args.reader_threads or threads,
-                              reader_processes=args.reader_processes)
+    options = _analysis_options(args)
     results: dict[str, Any] = {"machine": machine_info(), "threads": {"predictor_intra_op": threads}}
     small = ensure_slide(args.width, args.height, args.tissue_fraction, args.seed)
     # the 4x slide only serves the RSS comparison; generating it is the slowest step on a fresh machine
@@ -271,23 +359,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("small slide: %d tissue tiles; large: %d", n_small, n_large)
     tiles = predecoded_tiles(small, plan, in_side, max(128, 2 * options.batch_size))
     _check_weights(results, torch_model, onnx_path, tiles)
-    measured_path = onnx_path
+    predictor, measured_path = measured_predictor(args, onnx_path, torch_model, predictor)
     if args.int8:
-        measured_path = ensure_int8(onnx_path)
-        predictor = Predictor(measured_path, threads=threads)
         results["model"]["int8"] = {
             "path": measured_path.name,
             "sha256": predictor.sha256,
             "note": "the pipeline runs this int8 QDQ artefact (model.quantize, GlaS train calibration); the "
             "model-alone runs too; the naive loop runs the fp32 torch weights it was quantised from",
         }
-    if args.backend == "torch":
-        from _torch_backend import TorchPredictor
-
-        predictor = TorchPredictor(torch_model, predictor, args.device, half=args.bf16)
-    results["backend"] = (
-        predictor.describe() if args.backend == "torch" else {"backend": "onnxruntime", "providers": predictor.providers}
-    )
+    results["backend"] = describe_backend(predictor)
+    if args.streams > 1:
+        model_run = measure_model_alone(predictor, tiles, min(len(plan), args.model_tiles), options.batch_size)
+        results["model_alone"] = {**model_run, "batch": options.batch_size}
+        results["streams"] = measure_streams(args, n_small, model_run["per_s"])
+        results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+        return results
     # The reading paths first (they also warm the page cache), then the model alone and the analysis in
     # alternation, so load drift on a shared machine hits both sides of each efficiency ratio alike.
     results["reading"] = {
@@ -392,6 +478,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/_out/)")
+    ap.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="N > 1: only the model alone, then N processes analysing the slide --repeats times each at once "
+        "(several workers sharing one GPU); prints their aggregate tiles/s against the model alone",
+    )
+    ap.add_argument("--stream-warmup-s", type=float, default=60.0, help="--streams: time to load and warm up")
+    ap.add_argument("--child-stream", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--child-analyze", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -400,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.child_analyze is not None:
         return child_analyze(args.child_analyze, args.model, args.threads, args.child_out)
+    if args.child_stream is not None:
+        return child_stream(args)
     BENCH_OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
@@ -410,7 +508,15 @@ def main(argv: list[str] | None = None) -> int:
     results["bench_wall_s"] = round(time.perf_counter() - started, 1)
     out = args.json or BENCH_OUT / f"bench_analyze-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
-    print_summary(results)
+    if "streams" in results:
+        st = results["streams"]
+        print(
+            f"{st['streams']} concurrent analysers x {st['analyses_each']} analyses of {st['tiles_per_analysis']} "
+            f"tiles: {st['per_s']:.1f} tiles/s over {st['window_s']:.2f} s (starts {st['late_start_s']:.2f} s "
+            f"apart); model alone {results['model_alone']['per_s']:.1f} tiles/s; efficiency {st['efficiency']:.3f}"
+        )
+    else:
+        print_summary(results)
     print(f"JSON: {out}")
     return 0
 
