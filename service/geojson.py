@@ -370,35 +370,9 @@ def _to_l0(
     return shapely.intersection(geom, shapely.affinity.translate(l0_clip, -l0_offset_xy[0], -l0_offset_xy[1]))
 
 
-def region_features(
-    regions: Sequence[Region],
-    *,
-    hm_downsample: float,
-    l0_size_wh: tuple[int, int],
-    l0_mpp: float,
-    name: str,
-    color: Sequence[int],
-    l0_offset_xy: tuple[float, float] = (0.0, 0.0),
-    simplify_hm: float = 0.5,
-    seed: str | None = None,
-) -> list[dict[str, Any]]:
-    """QuPath annotations, one per region: Polygon (or MultiPolygon after clipping), with area and probability.
-
-    The list form of `iter_region_features` (same features, same order).
-    """
-    return list(
-        iter_region_features(
-            regions,
-            hm_downsample=hm_downsample,
-            l0_size_wh=l0_size_wh,
-            l0_mpp=l0_mpp,
-            name=name,
-            color=color,
-            l0_offset_xy=l0_offset_xy,
-            simplify_hm=simplify_hm,
-            seed=seed,
-        )
-    )
+def region_features(regions: Sequence[Region], **kwargs: Any) -> list[dict[str, Any]]:
+    """QuPath annotations, one per region, as a list: `iter_region_features` (same arguments) collected."""
+    return list(iter_region_features(regions, **kwargs))
 
 
 def iter_region_features(
