@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Worker", "JobCancelled", "main"]
 
 _MAX_OPEN_SLIDES = 4
+# readers with worker processes hold N processes (and their tile caches) each while open: keep fewer of them
+_MAX_OPEN_PROCESS_READERS = 2
 
 
 class JobCancelled(Exception):
@@ -266,7 +268,8 @@ class Worker:
         reader = TileReader(slide, plan.tiles, threads=plan.options.reader_threads,
                             processes=plan.options.reader_processes)
         self._readers[key] = (slide, reader)
-        while len(self._readers) > _MAX_OPEN_SLIDES:
+        limit = _MAX_OPEN_PROCESS_READERS if plan.options.reader_processes else _MAX_OPEN_SLIDES
+        while len(self._readers) > limit:
             _, (old_slide, old_reader) = self._readers.popitem(last=False)
             old_reader.close()
             old_slide.close()

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from service import constants as C
 from service.api import create_app
-from service.queue import JobQueue, connect
+from service.queue import JobQueue, Message, connect
 from service.redis_server import PrivateRedis
 from service.settings import Settings
 from service.worker import Worker
@@ -293,3 +293,32 @@ def test_workers_may_mount_the_storage_elsewhere(client: TestClient, settings: S
     done = job_state(client, job["job_id"])
     assert done["state"] == C.STATE_DONE, done
     assert (moved / "jobs" / job["job_id"] / "overlay.png").is_file()
+
+
+
+def test_reader_processes_give_the_same_heatmap_and_few_open_pools(client: TestClient, settings: Settings,
+                                                                  slides_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.reader import TileReader
+
+    threads = submit(client, slides_dir, {"write_detections": False})
+    Worker(settings).run(burst=True)
+    procs = submit(client, slides_dir, {"write_detections": False, "threshold": 0.5})  # another job, same tiles
+    assert procs["job_id"] != threads["job_id"]
+    worker = Worker(settings.model_copy(update={"reader_processes": 1}))
+    try:
+        worker.run(burst=True)
+        assert job_state(client, procs["job_id"])["state"] == C.STATE_DONE
+        assert np.array_equal(heatmap(settings, procs["job_id"]), heatmap(settings, threads["job_id"]))
+        # runs of several jobs at once: a worker keeps at most two readers with worker processes open
+        closed: list[TileReader] = []
+        close = TileReader.close
+        monkeypatch.setattr(TileReader, "close", lambda self: (closed.append(self), close(self))[1])
+        job = worker.queue.get(procs["job_id"])
+        plan = worker._plan_of(procs["job_id"], job["generation"], job)
+        opened = [worker._reader(Message("m", C.MSG_CHUNK, procs["job_id"], g), job, plan)[1]
+                  for g in ("90", "91", "92")]
+        assert all(r.processes == 1 for r in opened)
+        assert len(worker._readers) == 2 and closed == [opened[0]]
+    finally:
+        worker.close()
