@@ -22,8 +22,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH_DATA = REPO_ROOT / "bench" / "_data"
-BENCH_OUT = REPO_ROOT / "bench" / "_out"
+# generated slides and outputs (git-ignored); the variables move them, e.g. for a test in a temporary folder
+BENCH_DATA = Path(os.environ.get("PIXELCAM_BENCH_DATA") or REPO_ROOT / "bench" / "_data")
+BENCH_OUT = Path(os.environ.get("PIXELCAM_BENCH_OUT") or REPO_ROOT / "bench" / "_out")
 # What the benchmarks load beyond the packages `service.report` records: the naive loop's torch, and the export.
 _BENCH_ONLY_PACKAGES = ("torch", "onnx", "pillow")
 

@@ -207,7 +207,7 @@ def measure_streams(args: argparse.Namespace, n_tiles: int, model_per_s: float) 
     import subprocess
 
     start_at = time.time() + args.stream_warmup_s
-    argv = list(sys.argv[1:]) + ["--child-stream", str(ensure_slide(args.width, args.height,
+    argv = list(args.argv) + ["--child-stream", str(ensure_slide(args.width, args.height,
                                                                           args.tissue_fraction, args.seed)),
                                         "--start-at", str(start_at)]
     procs = [
@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child-analyze", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --streams passes on to its processes
     if args.int8 and args.backend != "onnx":
         ap.error("--int8 quantises the ONNX model: use it with --backend onnx")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -1,8 +1,12 @@
-"""The benchmark slide generator writes slides that both readers open, with the MPP, vendor and tissue asked for."""
+"""The benchmark slide generator writes slides that both readers open, with the MPP, vendor and tissue asked for;
+bench_analyze runs end to end on a tiny one."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -111,3 +115,24 @@ def test_refuses_impossible_parameters(tmp_path: Path, data_dir: Path) -> None:
     spec = make_slide.SlideSpec((4096, 4096), 0.0, 0.5, 256, 80, "svs", 0)
     with pytest.raises(make_slide.SlideGenerationError, match="--tissue-fraction"):
         make_slide.write_slide(tmp_path / "x.svs", spec, data_dir=data_dir)
+
+
+def test_bench_analyze_runs_on_a_tiny_slide(tmp_path: Path, data_dir: Path) -> None:
+    """The benchmark end to end (torch backend on the CPU, no RSS children): every ratio comes out, positive."""
+    env = dict(os.environ, PIXELCAM_DATA_DIR=str(data_dir), PIXELCAM_BENCH_DATA=str(tmp_path / "data"),
+               PIXELCAM_BENCH_OUT=str(tmp_path / "out"), OMP_NUM_THREADS="1")
+    out = tmp_path / "result.json"
+    args = ["--random-model", "--width", "2048", "--height", "2048", "--backend", "torch", "--device", "cpu",
+            "--threads", "1", "--naive-tiles", "2", "--model-tiles", "8", "--repeats", "1", "--skip-rss",
+            "--batch-size", "4", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_analyze.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["backend"]["backend"] == "torch" and res["backend"]["device"] == "cpu"
+    assert res["slides"]["small"]["tissue_tiles"] > 0 and res["slides"]["large"] is None
+    for key in ("pipeline_efficiency", "tile_phase_efficiency", "reading_ratio", "naive_ratio"):
+        assert res["ratios"][key] > 0, key
+    assert isinstance(res["analysis"]["runs"][0]["regions"], int)
+    assert res["model"]["parity_torch_vs_onnx"]["fg_prob"] < 1e-3  # the torch weights are the ONNX's
+    assert "pipeline efficiency" in done.stdout
