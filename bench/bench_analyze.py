@@ -79,7 +79,8 @@ def ensure_model(args: argparse.Namespace) -> tuple[Path, Any, str]:
         )
         if ckpt is not None:
             torch_model, _, _ = load_checkpoint(ckpt)
-            return onnx_path, torch_model, f"{onnx_path.name} + checkpoint {ckpt}"
+            shown = ckpt.resolve().relative_to(REPO_ROOT) if ckpt.resolve().is_relative_to(REPO_ROOT) else ckpt
+            return onnx_path, torch_model, f"{onnx_path.name} + checkpoint {shown}"
         logger.warning(
             "no --checkpoint for %s: the naive loop uses random weights of the same architecture",
             onnx_path.name,
@@ -103,11 +104,14 @@ def ensure_model(args: argparse.Namespace) -> tuple[Path, Any, str]:
 def ensure_int8(onnx_path: Path) -> Path:
     """The int8 QDQ version of ``onnx_path`` (made once, cached beside the bench outputs), as model.quantize's
     README command makes it: calibrated on 2 crops of each GlaS training image."""
+    import hashlib
+
     from make_slide import shared_data_dir
 
     from model.quantize import main as quantize_main
 
-    dst = BENCH_OUT / f"{onnx_path.stem}-int8.onnx"
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]  # a retrained model gets its own int8
+    dst = BENCH_OUT / f"{onnx_path.stem}-{digest}-int8.onnx"
     if not dst.is_file():
         glas = shared_data_dir() / "glas" / "images"
         argv = [str(onnx_path), str(dst), "--calibration-dir", str(glas), "--pattern", "train_*.png"]
