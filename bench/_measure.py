@@ -72,19 +72,17 @@ def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -
     One reader for the whole plan, built from the plan's options and driven by `infer_in_chunks`, as
     `analyze_slide` does (the reader's start, e.g. its worker processes, is part of the time).
     """
-    from service._inference import infer_in_chunks
+    from service._inference import infer_in_chunks, plan_reader
     from service.pipeline import run_chunk
-    from service.reader import TileReader
     from service.slides import open_slide
 
-    opts = plan.options
     with open_slide(slide_path) as slide:
         run_chunk(slide, plan, range(min(32, len(plan))), noop)  # warm-up: imports, page cache of the head
     done = 0
     with (
         clocked() as clock,
         open_slide(slide_path) as slide,
-        TileReader(slide, plan.tiles, threads=opts.reader_threads, processes=opts.reader_processes) as reader,
+        plan_reader(slide, plan) as reader,
     ):
         for _, out in infer_in_chunks(reader, plan, noop, lambda n: None):
             done += len(out.class_probs)

@@ -21,7 +21,7 @@ from service.slides import Slide
 if TYPE_CHECKING:
     from service.pipeline import JobPlan
 
-__all__ = ["TilePredictor", "infer_in_chunks", "run_chunk"]
+__all__ = ["TilePredictor", "infer_in_chunks", "plan_reader", "run_chunk"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ class TilePredictor(Protocol):
     metadata: ModelMetadata
 
     def predict(self, tiles: np.ndarray) -> Prediction: ...
+
+
+def plan_reader(slide: Slide, plan: JobPlan) -> TileReader:
+    """The tile reader the plan's options ask for (threads, or worker processes with `reader_processes`)."""
+    return TileReader(
+        slide, plan.tiles, threads=plan.options.reader_threads, processes=plan.options.reader_processes
+    )
 
 
 def run_chunk(
@@ -59,13 +66,7 @@ def run_chunk(
     fg = np.zeros((indices.size, plan.fm_size, plan.fm_size), np.float32)
     done, infer_s = 0, 0.0
     own = reader is None and indices.size > 0  # no reader is opened for an empty chunk
-    active = (
-        TileReader(
-            slide, plan.tiles, threads=plan.options.reader_threads, processes=plan.options.reader_processes
-        )
-        if own
-        else reader
-    )
+    active = plan_reader(slide, plan) if own else reader
     try:
         for _, batch in active.iter_batches(indices, plan.options.batch_size) if active is not None else ():
             t1 = time.perf_counter()

@@ -27,7 +27,7 @@ import numpy as np
 
 from model.runtime import ModelMetadata
 from service._finalize import AnalysisResult, finalize_job
-from service._inference import TilePredictor, infer_in_chunks, run_chunk
+from service._inference import TilePredictor, infer_in_chunks, plan_reader, run_chunk
 from service._jobfiles import (
     TISSUE_FILE,
     ChunkIndex,
@@ -36,7 +36,6 @@ from service._jobfiles import (
     load_chunk,
     save_chunk,
 )
-from service.reader import TileReader
 from service.slides import open_slide
 from service.stitching import HeatmapGrid, stitch_bands
 from service.tiling import TilePlan, detect_tissue, plan_tiles
@@ -337,9 +336,7 @@ def _infer_plan(
         return
     with (
         open_slide(slide_path, mpp_override=plan.options.mpp_override) as slide,
-        TileReader(
-            slide, plan.tiles, threads=plan.options.reader_threads, processes=plan.options.reader_processes
-        ) as reader,
+        plan_reader(slide, plan) as reader,
     ):
         for chunk_id, out_chunk in infer_in_chunks(reader, plan, predictor, tick):
             save_chunk(work, chunk_id, out_chunk)

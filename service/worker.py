@@ -258,16 +258,14 @@ class Worker:
 
     def _reader(self, msg: Message, job: dict[str, str], plan: Any) -> tuple[Any, Any]:
         """(slide, tile reader) kept per job run: the reader's threads and cache serve every chunk of it here."""
-        from service.reader import TileReader
+        from service._inference import plan_reader
 
         key = (msg.job_id, msg.generation)
         if key in self._readers:
             self._readers.move_to_end(key)
             return self._readers[key]
         slide = self._open_slide(job)
-        reader = TileReader(slide, plan.tiles, threads=plan.options.reader_threads,
-                            processes=plan.options.reader_processes)
-        self._readers[key] = (slide, reader)
+        self._readers[key] = (slide, plan_reader(slide, plan))
         limit = _MAX_OPEN_PROCESS_READERS if plan.options.reader_processes else _MAX_OPEN_SLIDES
         while len(self._readers) > limit:
             _, (old_slide, old_reader) = self._readers.popitem(last=False)
