@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # generated slides and outputs (git-ignored); the variables move them, e.g. for a test in a temporary folder
 BENCH_DATA = Path(os.environ.get("PIXELCAM_BENCH_DATA") or REPO_ROOT / "bench" / "_data")
 BENCH_OUT = Path(os.environ.get("PIXELCAM_BENCH_OUT") or REPO_ROOT / "bench" / "_out")
-# What the benchmarks load beyond the packages `service.report` records: the naive loop's torch, and the export.
+# What the benchmarks load beyond the packages `service.outputs.report` records: the naive loop's torch, and the export.
 _BENCH_ONLY_PACKAGES = ("torch", "onnx", "pillow")
 
 
@@ -56,8 +56,8 @@ def _mem_total_gib() -> float | None:
 
 
 def _versions() -> dict[str, str]:
-    """The versions a result records (`service.report.software_versions`) plus those only the benchmarks load."""
-    from service.report import software_versions
+    """The versions a result records (`service.outputs.report.software_versions`) plus those only the benchmarks load."""
+    from service.outputs.report import software_versions
 
     out = software_versions()
     for name in _BENCH_ONLY_PACKAGES:

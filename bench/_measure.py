@@ -34,7 +34,7 @@ class NoopPredictor:
 
 def plan_for(slide_path: Path, predictor: Any, job_dir: Path, options: Any) -> Any:
     """The pipeline's own tile plan for the slide (same tissue detection and grid as the analysis)."""
-    from service.pipeline import prepare_job
+    from service.analysis.plan import prepare_job
 
     return prepare_job(slide_path, predictor.metadata, options, job_dir)
 
@@ -55,7 +55,7 @@ def measure_analysis(
     slide_path: Path, predictor: Any, out_dir: Path, n_tiles: int, options: Any
 ) -> dict[str, Any]:
     """``analyze_slide`` end to end (open, tissue, plan, read, infer, stitch, write outputs)."""
-    from service.pipeline import analyze_slide
+    from service.analysis.pipeline import analyze_slide
 
     with clocked() as clock:
         result = analyze_slide(slide_path, predictor, out_dir, options)
@@ -72,9 +72,8 @@ def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -
     One reader for the whole plan, built from the plan's options and driven by `infer_in_chunks`, as
     `analyze_slide` does (the reader's start, e.g. its worker processes, is part of the time).
     """
-    from service._inference import infer_in_chunks, plan_reader
-    from service.pipeline import run_chunk
-    from service.slides import open_slide
+    from service.analysis.inference import infer_in_chunks, plan_reader, run_chunk
+    from service.slide.wsi import open_slide
 
     with open_slide(slide_path) as slide:
         run_chunk(slide, plan, range(min(32, len(plan))), noop)  # warm-up: imports, page cache of the head
@@ -155,7 +154,7 @@ def measure_naive(
 
 def predecoded_tiles(slide_path: Path, plan: Any, in_side: int, n: int) -> np.ndarray:
     """Up to ``n`` planned tiles read and resized once, as the model-alone measurement's input (N, S, S, 3)."""
-    from service.slides import open_slide
+    from service.slide.wsi import open_slide
 
     slide = open_slide(slide_path)
     try:

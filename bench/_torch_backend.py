@@ -2,7 +2,7 @@
 
 The GPU machines this benchmark runs on have torch with CUDA but no onnxruntime-gpu, so the GPU numbers are
 taken with the same network's torch weights (the checkpoint the ONNX was exported from, parity-checked by
-bench_analyze) behind the interface `service._inference.TilePredictor` asks for: uint8 (B, S, S, 3) RGB in,
+bench_analyze) behind the interface `service.analysis.inference.TilePredictor` asks for: uint8 (B, S, S, 3) RGB in,
 `Prediction(class_probs, fg_prob)` out as float32 numpy. Benchmark-only: the service itself runs ONNX.
 """
 

@@ -135,7 +135,8 @@ def _random_model(seed: int, encoder: str = "resnet18", width: float = 0.5) -> t
 def child_analyze(slide: Path, model: Path, threads: int, out_dir: Path) -> int:
     """Fresh-process analysis for peak RSS and the cold numbers; prints one JSON line."""
     from model.runtime import Predictor
-    from service.pipeline import AnalysisOptions, analyze_slide
+    from service.analysis.pipeline import analyze_slide
+    from service.analysis.plan import AnalysisOptions
 
     rss_before_mib = peak_rss_mib()
     with clocked() as load:
@@ -177,7 +178,7 @@ def describe_backend(predictor: Any) -> dict[str, Any]:
 
 
 def _analysis_options(args: argparse.Namespace) -> Any:
-    from service.pipeline import AnalysisOptions
+    from service.analysis.plan import AnalysisOptions
 
     return AnalysisOptions(
         batch_size=args.batch_size,
@@ -189,7 +190,7 @@ def _analysis_options(args: argparse.Namespace) -> Any:
 def child_stream(args: argparse.Namespace) -> int:
     """One of --streams concurrent analysers: warm up, wait for the common start, analyse, report times."""
     from model.runtime import Predictor
-    from service.pipeline import analyze_slide
+    from service.analysis.pipeline import analyze_slide
 
     onnx_path, torch_model, _ = ensure_model(args)
     predictor, _ = measured_predictor(args, onnx_path, torch_model, Predictor(onnx_path, threads=args.threads))

@@ -34,8 +34,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import BENCH_OUT, REPO_ROOT, BenchError, machine_info, parse_wrk, wait_ready  # noqa: E402
 from bench.make_slide import shared_data_dir  # noqa: E402
-from service.deepzoom import DeepZoomGeometry  # noqa: E402
-from service.redis_server import free_port  # noqa: E402
+from service.jobs.redis_server import free_port  # noqa: E402
+from service.outputs.deepzoom import DeepZoomGeometry  # noqa: E402
 
 logger = logging.getLogger("bench_load")
 

@@ -34,12 +34,12 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import machine_info, parse_wrk, wait_ready  # noqa: E402
 from bench.make_slide import shared_data_dir  # noqa: E402
-from service import constants as C  # noqa: E402
-from service.deepzoom import DeepZoomGeometry  # noqa: E402
-from service.queue import JobQueue, connect  # noqa: E402
-from service.redis_server import PrivateRedis, free_port  # noqa: E402
+from service import constants  # noqa: E402
+from service.jobs.queue import JobQueue, connect  # noqa: E402
+from service.jobs.redis_server import PrivateRedis, free_port  # noqa: E402
+from service.outputs.deepzoom import DeepZoomGeometry  # noqa: E402
+from service.outputs.stitching import HeatmapBand, HeatmapGrid, write_heatmap_tiff  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.stitching import HeatmapBand, HeatmapGrid, write_heatmap_tiff  # noqa: E402
 
 HM_DS = 16.0
 JOB_ID = "be" * 16
@@ -68,7 +68,7 @@ def lay_finished_job(settings: Settings, slide_id: str, l0_size_wh: tuple[int, i
     queue.ensure_group()
     record, _ = queue.submit(JOB_ID, {"slide_id": slide_id, "slide_file": "", "model": "bench",
                                       "model_sha256": "0" * 64, "options": "{}", "mpp": ""})
-    queue.transition(JOB_ID, record["generation"], C.STATE_QUEUED, C.STATE_DONE)
+    queue.transition(JOB_ID, record["generation"], constants.STATE_QUEUED, constants.STATE_DONE)
 
 
 def tile_paths(geo: DeepZoomGeometry, prefix: str, ext: str, top_levels: int, limit: int) -> list[str]:
@@ -133,7 +133,7 @@ def main() -> int:
         env = dict(os.environ, PIXELCAM_REDIS_URL=redis.url, PIXELCAM_STORAGE_DIR=str(storage),
                    PIXELCAM_REDIS_PREFIX="bench", PIXELCAM_LOG_LEVEL="WARNING",
                    PIXELCAM_MODELS_DIR=str(Path(tmp) / "models"))
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+        server = subprocess.Popen([sys.executable, "-m", "service.cli.main", "serve", "--host", "127.0.0.1",
                                    "--port", str(port), "--workers", "0"], cwd=REPO, env=env)
         base = f"http://127.0.0.1:{port}"
         try:

@@ -57,9 +57,5 @@ REDIS_DIR: Final = "redis"
 DEMO_MODEL_NAME: Final = "pixelcam-glas-resnet18"  # model/weights/<name>.onnx, served when nothing else is chosen
 DEFAULT_MODEL_FILE: Final = "DEFAULT"  # inside the models dir: the name of the default model, one line
 
-# Analysis options that change how fast a job runs, not what it finds: left out of a job's identity and set by
-# each worker from its own settings (the API serves gzip itself, so the core always writes plain GeoJSON).
-WORKER_OPTION_KEYS: Final = ("batch_size", "chunk_size", "reader_threads", "reader_processes", "geojson_gzip")
-
 # Histogram buckets (seconds) of the inference latency per batch, shared by workers and /metrics.
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

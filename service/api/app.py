@@ -17,13 +17,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
-from service.api import tiles, viewer  # Deep Zoom tiles and the built-in viewer (viewer engineer)
 from service.api.metrics import QueueCollector
-from service.api.routes import health, jobs, models, results, slides
+from service.api.routes import health, jobs, models, results, slides, tiles, viewer
 from service.api.security import SecurityMiddleware, authorize
-from service.queue import JobQueue, connect
+from service.jobs.queue import JobQueue, connect
+from service.jobs.storage import ModelRegistry, SlideStore
 from service.settings import Settings
-from service.store import ModelRegistry, SlideStore
 
 logger = logging.getLogger(__name__)
 

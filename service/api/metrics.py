@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service import constants as C
-from service.queue import JobQueue
+from service import constants
+from service.jobs.queue import JobQueue
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ class QueueCollector(Collector):
 
     def _job_metrics(self) -> Iterator[Metric]:
         rows = self.queue.states(self.queue.list_ids(_MAX_JOBS_SCANNED))
-        by_state = dict.fromkeys(C.JOB_STATES, 0)
+        by_state = dict.fromkeys(constants.JOB_STATES, 0)
         tiles_per_s = 0.0
         now = time.time()
         for row in rows:
             by_state[row["state"]] = by_state.get(row["state"], 0) + 1
-            if row["state"] == C.STATE_RUNNING and row.get("started_at"):
+            if row["state"] == constants.STATE_RUNNING and row.get("started_at"):
                 elapsed = now - float(row["started_at"])
                 if elapsed > 0:
                     tiles_per_s += int(row.get("tiles_done") or 0) / elapsed
@@ -81,7 +81,7 @@ class QueueCollector(Collector):
         yield fill
         buckets: list[tuple[str, float]] = []
         cumulative = 0
-        for bound in C.LATENCY_BUCKETS_S:
+        for bound in constants.LATENCY_BUCKETS_S:
             cumulative += int(stats.get(f"latency_bucket:{bound}", 0))
             buckets.append((str(bound), float(cumulative)))
         cumulative += int(stats.get("latency_bucket:+Inf", 0))

@@ -23,9 +23,10 @@ from urllib.parse import parse_qs
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import constants as C
+from service import constants
 from service.errors import JobNotFound, SlideNotFound
-from service.queue import JobQueue
+from service.jobs.queue import JobQueue
+from service.lru import LRUCache
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Principal:
     authenticated: bool
 
 
-ANONYMOUS = Principal(C.ANONYMOUS, admin=True, authenticated=False)
+ANONYMOUS = Principal(constants.ANONYMOUS, admin=True, authenticated=False)
 
 
 class RateLimiter:
@@ -63,8 +64,9 @@ class RateLimiter:
         self.rate = rate_per_s
         self.burst = float(burst)
         self.max_clients = max_clients
-        self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()  # the read-modify-write of one bucket is one step
+        # (tokens, last refill) per client; beyond max_clients the least recent is forgotten (bounded memory)
+        self._buckets: LRUCache[str, tuple[float, float]] = LRUCache(max_items=max_clients)
 
     def take(self, who: str, now: float | None = None) -> float:
         """Spend one token; returns 0 when allowed, else the seconds until a token is available."""
@@ -72,14 +74,15 @@ class RateLimiter:
             return 0.0
         now = time.monotonic() if now is None else now
         with self._lock:
-            # popped and put back, so the dict stays ordered by last use and the least recent is first
-            tokens, last = self._buckets.pop(who, (self.burst, now))
+            tokens, last = self._buckets.get(who) or (self.burst, now)
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             allowed = tokens >= 1.0
-            self._buckets[who] = (tokens - 1.0 if allowed else tokens, now)
-            if len(self._buckets) > self.max_clients:  # forget the least recent client: O(1), bounded memory
-                del self._buckets[next(iter(self._buckets))]
+            self._buckets.put(who, (tokens - 1.0 if allowed else tokens, now))
         return 0.0 if allowed else (1.0 - tokens) / self.rate
+
+    def clients(self) -> list[str]:
+        """The clients whose buckets are remembered, least recently seen first."""
+        return [who for who, _ in self._buckets.items()]
 
 
 def _is_open(path: str) -> bool:
@@ -193,21 +196,21 @@ def principal_of(request: Request) -> Principal:
 # --- ownership (Redis) ----------------------------------------------------------------------------------------
 def grant_slide(queue: JobQueue, who: Principal, slide_id: str) -> None:
     """Record that this key uploaded the slide (re-uploads of the same bytes by another key grant it too)."""
-    queue.r.sadd(queue.settings.key(C.OWNER_SLIDES_KEY, key_id=who.key_id), slide_id)
+    queue.redis.sadd(queue.settings.key(constants.OWNER_SLIDES_KEY, key_id=who.key_id), slide_id)
 
 
 def owns_slide(queue: JobQueue, who: Principal, slide_id: str) -> bool:
     """True on an open API, or when this key uploaded the slide."""
     if not who.authenticated:
         return True
-    return bool(queue.r.sismember(queue.settings.key(C.OWNER_SLIDES_KEY, key_id=who.key_id), slide_id))
+    return bool(queue.redis.sismember(queue.settings.key(constants.OWNER_SLIDES_KEY, key_id=who.key_id), slide_id))
 
 
 def record_job(queue: JobQueue, who: Principal, job_id: str, created_at: float) -> None:
     """Index a job under the key that submitted it (and count it as active until it is seen finished)."""
-    with queue.r.pipeline(transaction=False) as pipe:
-        pipe.zadd(queue.settings.key(C.OWNER_JOBS_KEY, key_id=who.key_id), {job_id: created_at})
-        pipe.sadd(queue.settings.key(C.OWNER_ACTIVE_KEY, key_id=who.key_id), job_id)
+    with queue.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(queue.settings.key(constants.OWNER_JOBS_KEY, key_id=who.key_id), {job_id: created_at})
+        pipe.sadd(queue.settings.key(constants.OWNER_ACTIVE_KEY, key_id=who.key_id), job_id)
         pipe.execute()
 
 
@@ -215,23 +218,23 @@ def owned_job_ids(queue: JobQueue, who: Principal, limit: int) -> list[str]:
     """The key's most recent job ids (every job on an open API)."""
     if not who.authenticated:
         return queue.list_ids(limit)
-    key = queue.settings.key(C.OWNER_JOBS_KEY, key_id=who.key_id)
-    return list(queue.r.zrevrange(key, 0, limit - 1))  # type: ignore[arg-type]
+    key = queue.settings.key(constants.OWNER_JOBS_KEY, key_id=who.key_id)
+    return list(queue.redis.zrevrange(key, 0, limit - 1))  # type: ignore[arg-type]
 
 
 def active_jobs(queue: JobQueue, who: Principal) -> int:
     """How many of the key's jobs are unfinished (finished ones are dropped from the active set on the way)."""
-    key = queue.settings.key(C.OWNER_ACTIVE_KEY, key_id=who.key_id)
-    job_ids: list[str] = sorted(str(j) for j in queue.r.smembers(key))  # type: ignore[union-attr]
+    key = queue.settings.key(constants.OWNER_ACTIVE_KEY, key_id=who.key_id)
+    job_ids: list[str] = sorted(str(j) for j in queue.redis.smembers(key))  # type: ignore[union-attr]
     if not job_ids:
         return 0
-    with queue.r.pipeline(transaction=False) as pipe:
+    with queue.redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.hget(queue.job_key(job_id), "state")
         states = pipe.execute()
-    finished = [j for j, s in zip(job_ids, states, strict=True) if s is None or s in C.TERMINAL_STATES]
+    finished = [j for j, s in zip(job_ids, states, strict=True) if s is None or s in constants.TERMINAL_STATES]
     if finished:
-        queue.r.srem(key, *finished)
+        queue.redis.srem(key, *finished)
     return len(job_ids) - len(finished)
 
 
@@ -247,6 +250,6 @@ def authorize(request: Request) -> None:
         raise SlideNotFound(f"no slide {slide_id}; upload it with POST /v1/slides")
     job_id = params.get("job_id")
     if job_id is not None:
-        owner = queue.r.hget(queue.job_key(str(job_id)), "owner")
+        owner = queue.redis.hget(queue.job_key(str(job_id)), "owner")
         if owner != who.key_id:
             raise JobNotFound(f"no job {job_id!r}; list your jobs with GET /v1/jobs")

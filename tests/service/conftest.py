@@ -1,13 +1,24 @@
-"""Service fixtures: a small random model exported through the real contract, and the CMU test slide."""
+"""Service fixtures: a small random model exported through the real contract, the real test slides, and a real
+Redis: `PIXELCAM_TEST_REDIS_URL`, else a private Valkey per session. Every test that asks for `settings` or
+`queue` gets its own key prefix and storage folder, so tests never see each other's jobs."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+
+from service.jobs.queue import JobQueue, connect
+from service.jobs.redis_server import PrivateRedis
+from service.settings import Settings
+from tests.service.shell import make_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,3 +64,59 @@ def missing_mpp_slide_path(slides_dir: Path) -> Path:
 def refused_slide_path(slides_dir: Path) -> Path:
     """A real fluorescence QPTIFF that the brightfield pipeline refuses."""
     return slides_dir / "small_vectra.qptiff"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis URL: the one given in PIXELCAM_TEST_REDIS_URL, else a private server for this session."""
+    given = os.environ.get("PIXELCAM_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"), persist=False)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test Redis."""
+    client = connect(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def shell_model_path(random_model_path: Path) -> Path:
+    """The small random model of `tests/service/conftest.py` (exported once per session through the contract)."""
+    return random_model_path
+
+
+@pytest.fixture()
+def shell_models_dir(tmp_path: Path, shell_model_path: Path) -> Path:
+    """A models directory holding the random model (as `random.onnx`)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copyfile(shell_model_path, folder / "random.onnx")
+    return folder
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, redis_url: str, shell_models_dir: Path) -> Settings:
+    """Settings for one test, with the random model as the only (default) model."""
+    return make_settings(tmp_path, redis_url, shell_models_dir)
+
+
+@pytest.fixture()
+def queue(redis_client: redis.Redis, tmp_path: Path, redis_url: str) -> Iterator[JobQueue]:
+    """A job queue under a fresh key prefix (no model needed)."""
+    q = JobQueue(redis_client, make_settings(tmp_path, redis_url))
+    q.ensure_group()
+    yield q
+    for key in redis_client.scan_iter(f"{q.settings.redis_prefix}:*"):
+        redis_client.delete(key)

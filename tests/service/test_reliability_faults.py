@@ -21,13 +21,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service import constants as C
+from service import constants
 from service.api import create_app
-from service.redis_server import PrivateRedis
+from service.jobs.redis_server import PrivateRedis
+from service.jobs.worker import Worker
 from service.settings import Settings
-from service.worker import Worker
-from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
-from tests.service.conftest_redis import REPO_ROOT, make_settings
+from tests.service.shell import REPO_ROOT, make_settings
 
 pytestmark = pytest.mark.redis
 
@@ -65,7 +64,7 @@ def state(client: TestClient, job_id: str) -> dict[str, Any]:
 
 def finished(client: TestClient, job_id: str) -> dict[str, Any] | None:
     s = state(client, job_id)
-    return s if s.get("state") in C.TERMINAL_STATES else None
+    return s if s.get("state") in constants.TERMINAL_STATES else None
 
 
 def test_redis_restarted_without_persistence_fails_loudly_and_serves_on(tmp_path: Path, shell_models_dir: Path,
@@ -74,7 +73,7 @@ def test_redis_restarted_without_persistence_fails_loudly_and_serves_on(tmp_path
     url = server.start()
     log = (tmp_path / "worker.log").open("wb")
     settings = make_settings(tmp_path, url, shell_models_dir)
-    worker = subprocess.Popen([sys.executable, "-m", "service.worker"], cwd=REPO_ROOT, stdout=log,
+    worker = subprocess.Popen([sys.executable, "-m", "service.jobs.worker"], cwd=REPO_ROOT, stdout=log,
                               stderr=subprocess.STDOUT, env=dict(os.environ, **settings.to_env()))
     try:
         with TestClient(create_app(settings)) as client:
@@ -92,7 +91,7 @@ def test_redis_restarted_without_persistence_fails_loudly_and_serves_on(tmp_path
             again = submit(client, slides_dir, BUSY)  # the same request is the same job, run afresh
             assert again == job_id
             done = wait_for("the resubmitted job", lambda: finished(client, job_id))
-            assert done["state"] == C.STATE_DONE and done["tiles_done"] == done["tiles_total"]
+            assert done["state"] == constants.STATE_DONE and done["tiles_done"] == done["tiles_total"]
             assert worker.poll() is None  # the worker survived the empty Redis
     finally:
         worker.terminate()
@@ -121,9 +120,9 @@ def test_a_hung_redis_fails_requests_within_the_timeout_and_recovers(tmp_path: P
             assert hung.status_code == 503 and hung.json()["error"] == "QueueUnavailable"
             assert waited < 30  # bounded by PIXELCAM_REDIS_TIMEOUT_S and the client's few retries, not forever
             assert ready.status_code == 503 and "unreachable" in ready.json()["checks"]["redis"]
-            assert state(client, job_id)["state"] == C.STATE_QUEUED  # answered again once Redis is back
+            assert state(client, job_id)["state"] == constants.STATE_QUEUED  # answered again once Redis is back
             Worker(settings).run(burst=True)
-            assert state(client, job_id)["state"] == C.STATE_DONE
+            assert state(client, job_id)["state"] == constants.STATE_DONE
     finally:
         server.stop()
 
@@ -131,8 +130,8 @@ def test_a_hung_redis_fails_requests_within_the_timeout_and_recovers(tmp_path: P
 @pytest.mark.parametrize("where", ["chunk", "results"])
 def test_a_full_disk_fails_the_job_cleanly(client: TestClient, settings: Settings, slides_dir: Path,
                                            monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    import service._finalize
-    import service.pipeline
+    import service.analysis.finalize
+    import service.jobs.worker
 
     def no_space(*args: Any, **kwargs: Any) -> None:
         if where == "results":  # the disk fills while the GeoJSON is half written
@@ -140,9 +139,9 @@ def test_a_full_disk_fails_the_job_cleanly(client: TestClient, settings: Setting
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "chunk":
-        monkeypatch.setattr(service.pipeline, "save_chunk", no_space)
+        monkeypatch.setattr(service.jobs.worker, "save_chunk", no_space)  # the worker writes chunk files
     else:
-        monkeypatch.setattr(service._finalize, "write_geojson", no_space)
+        monkeypatch.setattr(service.analysis.finalize, "write_geojson", no_space)
     job_id = submit(client, slides_dir, {"write_detections": False})
     worker = Worker(settings)
     deadline = time.monotonic() + 60
@@ -151,7 +150,7 @@ def test_a_full_disk_fails_the_job_cleanly(client: TestClient, settings: Setting
         worker.run(burst=True)
         time.sleep(0.2)
     failed = state(client, job_id)
-    assert failed["state"] == C.STATE_FAILED
+    assert failed["state"] == constants.STATE_FAILED
     assert "No space left on device" in failed["error"] and "storage is full" in failed["error"]
     for result in ("result", "geojson", "heatmap.png", "heatmap.tif"):
         resp = client.get(f"/v1/jobs/{job_id}/{result}")
@@ -161,7 +160,7 @@ def test_a_full_disk_fails_the_job_cleanly(client: TestClient, settings: Setting
     assert client.post("/v1/jobs", json={"slide_id": failed["slide_id"],
                                          "options": {"write_detections": False}}).status_code == 202
     Worker(settings).run(burst=True)
-    assert state(client, job_id)["state"] == C.STATE_DONE
+    assert state(client, job_id)["state"] == constants.STATE_DONE
     assert client.get(f"/v1/jobs/{job_id}/geojson").json()["type"] == "FeatureCollection"
 
 
@@ -201,13 +200,13 @@ def test_a_model_replaced_mid_job_is_never_mixed(client: TestClient, settings: S
     if after == "same-worker":  # it holds the model it loaded: the job finishes with it, and says so
         first.run(burst=True)
         done = state(client, job_id)
-        assert done["state"] == C.STATE_DONE and done["model_sha256"] == started_with
+        assert done["state"] == constants.STATE_DONE and done["model_sha256"] == started_with
         result = client.get(f"/v1/jobs/{job_id}/result").json()
         assert result["provenance"]["model"]["sha256"] == started_with
     else:  # a worker that would load the new file refuses: the job fails loudly, no result mixes two models
         Worker(settings).run(burst=True)
         failed = state(client, job_id)
-        assert failed["state"] == C.STATE_FAILED and "changed since the job was submitted" in failed["error"]
+        assert failed["state"] == constants.STATE_FAILED and "changed since the job was submitted" in failed["error"]
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 409
     first.close()
     listed = client.get("/v1/models/random").json()
@@ -221,4 +220,4 @@ def test_a_slide_gone_from_the_storage_fails_its_job_with_the_reason(client: Tes
     (settings.slides_dir / slide_id / "slide.svs").unlink()  # someone cleaned the shared storage by hand
     Worker(settings).run(burst=True)
     failed = state(client, job_id)
-    assert failed["state"] == C.STATE_FAILED and "does not exist" in failed["error"]
+    assert failed["state"] == constants.STATE_FAILED and "does not exist" in failed["error"]

@@ -20,12 +20,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service import constants as C
+from service import constants
 from service.api import create_app
+from service.jobs.worker import Worker
 from service.settings import Settings
-from service.worker import Worker
-from tests.service.conftest_redis import *  # noqa: F403  (real-Redis fixtures)
-from tests.service.conftest_redis import REPO_ROOT, live_app, make_settings
+from tests.service.shell import REPO_ROOT, live_app, make_settings
 
 pytestmark = pytest.mark.redis
 
@@ -139,7 +138,7 @@ def test_the_bomb_is_refused_without_memory_for_its_declared_size(tmp_path: Path
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"  # 3 GB of address space for 120 GB
         "from pathlib import Path\n"
         "from service.errors import InvalidUpload\n"
-        "from service.store import SlideStore\n"
+        "from service.jobs.storage import SlideStore\n"
         "try:\n"
         f"    SlideStore(Path({str(tmp_path / 'store')!r})).validate(Path({str(bomb)!r}))\n"
         "except InvalidUpload as err:\n"
@@ -173,7 +172,7 @@ def test_odd_slides_that_pass_upload_never_leave_a_job_stuck(client: TestClient,
     assert all(r.status_code == 202 for r in jobs.values()), {k: r.text for k, r in jobs.items()}
     Worker(settings).run(burst=True)
     final = {k: client.get(f"/v1/jobs/{r.json()['job_id']}").json() for k, r in jobs.items()}
-    assert all(j["state"] in C.TERMINAL_STATES for j in final.values()), final
+    assert all(j["state"] in constants.TERMINAL_STATES for j in final.values()), final
     assert final["too-coarse"]["state"] == "failed" and "coarser" in final["too-coarse"]["error"]
     assert final["series-head-alone"]["state"] == "done"
     assert final["no-mpp-overridden"]["state"] == "done"

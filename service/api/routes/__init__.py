@@ -1,3 +1,1 @@
-"""One router per resource: slides, jobs, results, models, health (+ metrics)."""
-
-from __future__ import annotations
+"""One router per resource: slides, jobs, results, models, health (+ metrics), Deep Zoom tiles, the viewer."""

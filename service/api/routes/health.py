@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import ModelsDep, QueueDep, SettingsDep
+from service.api.deps import ModelsDep, QueueDep, SettingsDep
+from service.api.schemas import HealthPublic
 from service.errors import ServiceError
-from service.schemas import HealthPublic
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def readyz(queue: QueueDep, models: ModelsDep, settings: SettingsDep) -> JSONRes
     """Readiness: Redis answers, the storage is writable and the default model is valid."""
     checks: dict[str, str] = {}
     try:
-        queue.r.ping()
+        queue.redis.ping()
         checks["redis"] = "ok"
     except redis.RedisError as err:
         checks["redis"] = f"unreachable: {err}"

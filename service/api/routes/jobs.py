@@ -15,10 +15,14 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service import constants as C
+from service import constants
+from service.analysis.plan import WORKER_OPTION_KEYS, AnalysisOptions
+from service.api.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
 from service.api.routes.slides import receive_slide
+from service.api.schemas import AnalysisOptionsIn, ErrorPublic, JobCreate, JobPublic, JobsPublic
 from service.api.security import (
     ANONYMOUS,
     Principal,
@@ -29,11 +33,10 @@ from service.api.security import (
     principal_of,
     record_job,
 )
-from service.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
 from service.errors import InvalidRequest, JobLost, JobNotFound, RateLimited, ServiceError, SlideNotFound
-from service.queue import JobQueue, dumps_options
-from service.schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
-from service.store import ModelRegistry, SlideRecord, SlideStore, job_dir
+from service.jobs.queue import JobQueue, dumps_options
+from service.jobs.storage import ModelRegistry, SlideRecord, SlideStore, job_dir
+from service.slide.metadata import MPP_RANGE
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +65,13 @@ def job_public(record: dict[str, str], workers: dict[str, int] | None = None) ->
     throughput = done / elapsed if elapsed > 0 and done > 0 else None
     state = record["state"]
     eta = None
-    if throughput and total >= 0 and state == C.STATE_RUNNING:
+    if throughput and total >= 0 and state == constants.STATE_RUNNING:
         eta = max(total - done, 0) / throughput
-    elif state == C.STATE_DONE:
+    elif state == constants.STATE_DONE:
         eta = 0.0
     links = {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events",
              "cancel": f"/v1/jobs/{job_id}/cancel", "slide": f"/v1/slides/{record['slide_id']}"}
-    if state == C.STATE_DONE:
+    if state == constants.STATE_DONE:
         links.update(result=f"/v1/jobs/{job_id}/result", geojson=f"/v1/jobs/{job_id}/geojson",
                      heatmap_png=f"/v1/jobs/{job_id}/heatmap.png", heatmap_tif=f"/v1/jobs/{job_id}/heatmap.tif")
     return JobPublic(
@@ -76,7 +79,7 @@ def job_public(record: dict[str, str], workers: dict[str, int] | None = None) ->
         model_sha256=record.get("model_sha256", ""), state=state, tiles_done=done,
         tiles_total=total if total >= 0 else None, chunks_done=int(record.get("chunks_done", "0")),
         chunks_total=(int(record["chunks_total"]) if int(record.get("chunks_total", "-1")) >= 0 else None),
-        progress=(done / total if total > 0 else (1.0 if state == C.STATE_DONE else 0.0)),
+        progress=(done / total if total > 0 else (1.0 if state == constants.STATE_DONE else 0.0)),
         throughput_tiles_per_s=throughput, eta_s=eta, created_at=float(record.get("created_at", "0")),
         started_at=started, finished_at=finished, error=record.get("error") or None,
         mpp=_float(record.get("mpp")), options=json.loads(record.get("options") or "{}"), links=links,
@@ -87,16 +90,15 @@ def job_public(record: dict[str, str], workers: dict[str, int] | None = None) ->
 
 def canonical_options(body: JobCreate) -> dict[str, Any]:
     """The job's analysis options with every default filled in (so equal requests hash equal), minus speed knobs."""
-    from service.pipeline import AnalysisOptions
-
-    raw = {k: v for k, v in body.options.items() if k not in C.WORKER_OPTION_KEYS}
+    given = body.options.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
+    raw = {k: v for k, v in given.items() if k not in WORKER_OPTION_KEYS}
     if body.mpp is not None:
         raw["mpp_override"] = body.mpp
     try:
         options = AnalysisOptions.from_dict(raw).to_dict()
     except (TypeError, ValueError) as err:
-        raise InvalidRequest(f"invalid analysis options {body.options!r}: {err}") from err
-    return {k: v for k, v in options.items() if k not in C.WORKER_OPTION_KEYS}
+        raise InvalidRequest(f"invalid analysis options {given!r}: {err}") from err
+    return {k: v for k, v in options.items() if k not in WORKER_OPTION_KEYS}
 
 
 def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body: JobCreate, jobs_root: Path,
@@ -129,8 +131,8 @@ def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body:
     # the lock only serves the per-key limit: `queue.submit` is atomic on its own (WATCH/MULTI)
     with _SUBMIT_LOCK if max_active else contextlib.nullcontext():
         if max_active and active_jobs(queue, who) >= max_active:
-            existing = queue.r.hget(queue.job_key(job_id), "state")
-            if existing is None or existing in C.TERMINAL_STATES:  # asking for a job it has is always fine
+            existing = queue.redis.hget(queue.job_key(job_id), "state")
+            if existing is None or existing in constants.TERMINAL_STATES:  # asking for a job it has is always fine
                 raise RateLimited(
                     f"this key has {max_active} unfinished jobs, the most it may have at once "
                     "(PIXELCAM_MAX_ACTIVE_JOBS_PER_KEY); wait for one to finish or cancel one", _LIMIT_RETRY_S)
@@ -165,7 +167,8 @@ async def upload_and_analyze(
     settings: SettingsDep,
     filename: str | None = Query(None, description="original file name; only its extension is kept"),
     model: str | None = Query(None, description="model name; the default model when absent"),
-    mpp: float | None = Query(None, gt=0.01, lt=100.0, description="override the slide's microns per pixel"),
+    mpp: float | None = Query(None, ge=MPP_RANGE[0], le=MPP_RANGE[1],
+                              description="override the slide's microns per level-0 pixel"),
     options: str = Query("{}", description="analysis options as a JSON object"),
 ) -> JobPublic:
     """Upload a slide (raw body) and start its analysis in one request."""
@@ -175,10 +178,15 @@ async def upload_and_analyze(
         raise InvalidRequest(f"options must be a JSON object, got {options!r}: {err}") from err
     if not isinstance(parsed, dict):
         raise InvalidRequest(f"options must be a JSON object, got {options!r}")
+    try:  # checked before the upload is read: a bad option costs the client no transfer
+        checked = AnalysisOptionsIn.model_validate(parsed)
+    except ValidationError as err:
+        parts = [f"options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise InvalidRequest("; ".join(parts)) from err
     slide = await receive_slide(request, slides, settings, filename)
     who = principal_of(request)
     await run_in_threadpool(grant_slide, queue, who, slide.slide_id)
-    body = JobCreate(slide_id=slide.slide_id, model=model, mpp=mpp, options=parsed)
+    body = JobCreate(slide_id=slide.slide_id, model=model, mpp=mpp, options=checked)
     record, created = await run_in_threadpool(submit_job, queue, slides, models, body, settings.jobs_dir, slide,
                                               who, settings.max_active_jobs_per_key)
     return _respond(response, record, created)
@@ -188,10 +196,10 @@ async def upload_and_analyze(
 def list_jobs(request: Request, queue: QueueDep, limit: int = Query(50, ge=1, le=1000),
               state: str | None = Query(None, description="only jobs in this state")) -> JobsPublic:
     """Recent jobs (of the caller's key when keys are configured), newest first."""
-    if state is not None and state not in C.JOB_STATES:
-        raise InvalidRequest(f"unknown state {state!r}; use one of {', '.join(C.JOB_STATES)}")
+    if state is not None and state not in constants.JOB_STATES:
+        raise InvalidRequest(f"unknown state {state!r}; use one of {', '.join(constants.JOB_STATES)}")
     job_ids = owned_job_ids(queue, principal_of(request), limit if state is None else 10 * limit)
-    with queue.r.pipeline(transaction=False) as pipe:  # one round trip, not one per job
+    with queue.redis.pipeline(transaction=False) as pipe:  # one round trip, not one per job
         for job_id in job_ids:
             pipe.hgetall(queue.job_key(job_id))
         rows: list[dict[str, str]] = pipe.execute()
@@ -239,7 +247,7 @@ async def _events(queue: JobQueue, job_id: str, poll_s: float) -> AsyncIterator[
         if payload != last:
             last = payload
             yield f"event: progress\ndata: {payload}\n\n"
-        if record["state"] in C.TERMINAL_STATES:
+        if record["state"] in constants.TERMINAL_STATES:
             yield f"event: end\ndata: {json.dumps({'state': record['state']})}\n\n"
             return
         await asyncio.sleep(poll_s)
@@ -250,5 +258,5 @@ async def _events(queue: JobQueue, job_id: str, poll_s: float) -> AsyncIterator[
 def job_events(job_id: str, queue: QueueDep) -> StreamingResponse:
     """Progress as server-sent events (text/event-stream) until the job ends."""
     queue.get(job_id)  # 404 before the stream starts
-    return StreamingResponse(_events(queue, job_id, C.EVENTS_POLL_S), media_type="text/event-stream",
+    return StreamingResponse(_events(queue, job_id, constants.EVENTS_POLL_S), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -8,12 +8,12 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from service.api.deps import ModelsDep, SettingsDep
 from service.api.routes.slides import body_chunks
+from service.api.schemas import DefaultModelUpdate, ErrorPublic, ModelPublic, ModelsPublic
 from service.api.security import principal_of
-from service.deps import ModelsDep, SettingsDep
 from service.errors import Forbidden, ModelUnavailable, UploadTooLarge
-from service.schemas import DefaultModelUpdate, ErrorPublic, ModelPublic, ModelsPublic
-from service.store import ModelEntry, ModelRegistry
+from service.jobs.storage import ModelEntry, ModelRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from service import constants as C
-from service.deps import QueueDep, SettingsDep
+from service import constants
+from service.api.deps import QueueDep, SettingsDep
+from service.api.schemas import ErrorPublic
 from service.errors import ResultNotReady
-from service.queue import JobQueue
-from service.schemas import ErrorPublic
+from service.jobs.queue import JobQueue
+from service.jobs.storage import job_dir
 from service.settings import Settings
-from service.store import job_dir
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorPublic}, 409: {"
 def _result_file(queue: JobQueue, settings: Settings, job_id: str, *names: str) -> tuple[Path, dict[str, str]]:
     """The first of `names` in a finished job's folder; ResultNotReady while the job is not done."""
     record = queue.get(job_id)
-    if record["state"] != C.STATE_DONE:
+    if record["state"] != constants.STATE_DONE:
         reason = f": {record['error']}" if record.get("error") else ""
         raise ResultNotReady(
             f"job {job_id} is {record['state']}{reason}; results exist once it is done (GET /v1/jobs/{job_id})"

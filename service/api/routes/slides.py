@@ -11,12 +11,12 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from service.api.deps import QueueDep, SettingsDep, SlideStoreDep
+from service.api.schemas import ErrorPublic, SlidePublic
 from service.api.security import grant_slide, principal_of
-from service.deps import QueueDep, SettingsDep, SlideStoreDep
 from service.errors import InvalidUpload, UploadTimeout, UploadTooLarge
-from service.schemas import ErrorPublic, SlidePublic
+from service.jobs.storage import SlideRecord, SlideStore, Upload
 from service.settings import Settings
-from service.store import SlideRecord, SlideStore, Upload
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,164 @@
+"""`pixelcam serve` (API + local workers, embedded Redis by default) and `pixelcam worker` (a worker alone)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from service import constants
+from service.jobs.redis_server import PrivateRedis
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_serve_parser", "add_worker_parser", "serve"]
+
+_STOP_TIMEOUT_S = 15.0
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `pixelcam serve`."""
+    p = subparsers.add_parser("serve", help="run the API and local workers (starts a private Redis if none is set)",
+                              description="Settings come from PIXELCAM_* environment variables; flags override.")
+    p.add_argument("--host", help="address to bind (PIXELCAM_HOST)")
+    p.add_argument("--port", type=int, help="port to bind (PIXELCAM_PORT)")
+    p.add_argument("--workers", type=int, help="local worker processes (PIXELCAM_WORKERS)")
+    p.set_defaults(func=_serve_command)
+
+
+def add_worker_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `pixelcam worker`."""
+    p = subparsers.add_parser("worker", help="run one queue worker (needs PIXELCAM_REDIS_URL)",
+                              description="Joins the queue at PIXELCAM_REDIS_URL; reads slides and writes results "
+                                          "under PIXELCAM_STORAGE_DIR, which must be the storage the API uses.")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=_worker_command)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None}
+    settings = get_settings().model_copy(update=overrides)
+    return serve(settings)
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    from service.jobs.worker import Worker  # heavy (onnxruntime, OpenCV): see service.cli.main
+
+    settings = get_settings()
+    _configure_logging(settings)
+    if not settings.redis_url:
+        logger.error("a standalone worker needs PIXELCAM_REDIS_URL (the Redis the API uses)")
+        return 2
+    worker = Worker(settings)
+    _stop_on_signals(worker.stop_event)
+    worker.run(burst=args.burst)
+    return 0
+
+
+def _configure_logging(settings: Settings) -> None:
+    """PIXELCAM_LOG_LEVEL for the long-running commands (the `pixelcam` entry point may have set handlers)."""
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(settings.log_level)
+
+
+def _stop_on_signals(event: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        event.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class _WorkerPool:
+    """Local worker processes (`python -m service.jobs.worker`), restarted when one dies."""
+
+    def __init__(self, count: int, env: dict[str, str]) -> None:
+        self.count = count
+        self.env = env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
+
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.count)]
+        self._monitor.start()
+        logger.info("started %d local worker(s)", self.count)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "service.jobs.worker"], env=self.env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(2.0):
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self._stop.is_set():
+                    logger.warning("worker pid %d exited with %s; starting a new one", proc.pid, proc.returncode)
+                    self.procs[i] = self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM when `pixelcam serve` dies, even by SIGKILL."""
+    import ctypes  # in the forked child only, just before exec
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """uvicorn re-raises the SIGTERM it handled once it has shut down; exit through `finally` blocks then."""
+    raise SystemExit(0)
+
+
+def serve(settings: Settings) -> int:
+    """Run the API in this process and `settings.workers` worker processes; stop them all on exit."""
+    # heavy (FastAPI, onnxruntime, OpenCV): imported when the server starts, not for `pixelcam --help`
+    import uvicorn
+
+    from service.api import create_app
+
+    _configure_logging(settings)
+    if not settings.api_key_list and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("the API listens on %s without API keys: anyone who reaches it can upload, analyse and read "
+                       "results; set PIXELCAM_API_KEYS (docs/reliability.md)", settings.host)
+    storage = Path(settings.storage_dir).resolve()
+    settings = settings.model_copy(update={"storage_dir": storage})
+    private: PrivateRedis | None = None
+    if not settings.redis_url:
+        private = PrivateRedis(storage / constants.REDIS_DIR)
+        settings = settings.model_copy(update={"redis_url": private.start()})
+    if settings.threads == 0 and settings.workers > 1:
+        # local workers share this machine's cores instead of each taking all of them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        settings = settings.model_copy(update={"threads": max(1, cores // settings.workers)})
+    env = dict(os.environ, **settings.to_env())
+    pool = _WorkerPool(settings.workers, env)
+    try:
+        app = create_app(settings)
+        pool.start()
+        logger.info("serving on http://%s:%d (redis %s)", settings.host, settings.port,
+                    "embedded" if private else settings.redis_url)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    finally:
+        pool.stop()
+        if private is not None:
+            private.stop()
+    return 0

@@ -1,0 +1,103 @@
+"""`pixelcam analyze`: outputs on the real CMU slide, and one distinct exit code per kind of failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import analyze
+from service.cli.main import main
+
+
+def test_analyze_writes_all_four_files(
+    cmu_small_path: Path, random_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["analyze", str(cmu_small_path), "--model", str(random_model_path), "--out", str(out)]
+    code = main([*argv, "--threads", "2", "--batch-size", "8", "--blend", "cosine", "--quiet", "--gzip"])
+    assert code == analyze.EXIT_OK
+    assert {p.name for p in out.iterdir()} == {
+        "result.json",
+        "heatmap.tif",
+        "overlay.png",
+        "result.geojson.gz",
+    }
+    result = json.loads((out / "result.json").read_text())
+    assert result["provenance"]["parameters"]["batch_size"] == 8
+    assert result["provenance"]["parameters"]["blend"] == "cosine"
+    assert result["outputs"]["geojson"] == "result.geojson.gz"
+    printed = capsys.readouterr().out
+    assert cmu_small_path.name in printed and result["classification"]["label"] in printed
+
+
+def test_missing_mpp_exits_4_and_names_the_override(
+    missing_mpp_slide_path: Path, random_model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    argv = ["analyze", str(missing_mpp_slide_path), "--model", str(random_model_path), "--out", str(out)]
+    assert main([*argv, "--quiet"]) == analyze.EXIT_MPP
+    assert "--mpp" in caplog.text
+    assert not out.exists()  # a refused slide leaves nothing behind
+
+
+def test_refused_slide_exits_3_with_the_reason(
+    refused_slide_path: Path, random_model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = ["analyze", str(refused_slide_path), "--model", str(random_model_path), "--out", str(tmp_path)]
+    assert main(argv) == analyze.EXIT_SLIDE
+    assert "fluorescence" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # an existing output folder is kept, without work files
+
+
+def test_refused_model_exits_5(
+    cmu_small_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"not a model")
+    assert main(["analyze", str(cmu_small_path), "--model", str(bogus), "--out", str(tmp_path)]) == 5
+    assert "model refused" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--overlap", "1.5"], ["--min-tissue", "-1"], ["--batch-size", "0"], ["--threads", "0"]],
+)
+def test_bad_flags_exit_2(cmu_small_path: Path, random_model_path: Path, extra: list[str]) -> None:
+    assert (
+        main(["analyze", str(cmu_small_path), "--model", str(random_model_path), *extra])
+        == analyze.EXIT_USAGE
+    )
+
+
+def test_usage_errors_exit_2(
+    cmu_small_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main([]) == analyze.EXIT_USAGE
+    assert main(["analyze"]) == analyze.EXIT_USAGE
+    assert main(["analyze", str(tmp_path / "absent.svs"), "--model", "m.onnx"]) == analyze.EXIT_USAGE
+    monkeypatch.setattr(analyze, "default_model_path", lambda: tmp_path / "missing.onnx")
+    assert main(["analyze", str(cmu_small_path), "--out", str(tmp_path)]) == analyze.EXIT_USAGE
+    assert "--model" in caplog.text
+
+
+def test_default_model_lives_in_the_model_package() -> None:
+    path = analyze.default_model_path()
+    assert path.name == analyze.DEFAULT_MODEL_NAME and path.parent.name == "weights"
+    assert (path.parent.parent / "runtime.py").is_file()
+
+
+def test_module_entry_point_lists_every_subcommand() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0
+    for command in ("analyze", "serve", "worker"):
+        assert command in done.stdout
