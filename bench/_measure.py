@@ -31,6 +31,16 @@ class NoopPredictor:
             fg_prob=np.zeros((n, self.fm_size, self.fm_size), np.float32),
         )
 
+    def predict_dense(self, regions: np.ndarray) -> Any:
+        """Zeros of the dense outputs' shapes (a dense plan's regions were read to get here)."""
+        from model.runtime import DensePrediction
+
+        self.calls += 1
+        k = self.metadata.output_stride
+        n, h, w = regions.shape[0], regions.shape[1] // k, regions.shape[2] // k
+        return DensePrediction(fg_prob=np.zeros((n, h, w), np.float32),
+                               class_logits=np.zeros((n, self.metadata.num_classes, h, w), np.float32))
+
 
 def plan_for(slide_path: Path, predictor: Any, job_dir: Path, options: Any) -> Any:
     """The pipeline's own tile plan for the slide (same tissue detection and grid as the analysis)."""
@@ -48,6 +58,33 @@ def measure_model_alone(predictor: Any, tiles: np.ndarray, n_tiles: int, batch: 
         while done < n_tiles:
             predictor.predict(batches[(done // batch) % len(batches)])
             done += batch
+    return clock.rate(done)
+
+
+def predecoded_regions(slide_path: Path, plan: Any, n: int) -> tuple[list[np.ndarray], list[int]]:
+    """Up to ``n`` of a dense plan's regions (evenly spread) read once through the pipeline's own reader, with
+    the number of planned tiles each one holds: the dense model-alone measurement's input."""
+    from service.analysis.inference import plan_reader
+    from service.slide.wsi import open_slide
+
+    regions = plan.region_plan
+    picks = np.unique(np.linspace(0, len(regions) - 1, num=min(n, len(regions))).astype(int))
+    counts = [len(r) for r in regions.tile_ranges()]
+    with open_slide(slide_path) as slide, plan_reader(slide, plan) as reader:
+        return [reader.read([int(i)]) for i in picks], [counts[int(i)] for i in picks]
+
+
+def measure_model_alone_dense(predictor: Any, regions: list[np.ndarray], counts: list[int],
+                              n_tiles: int) -> dict[str, Any]:
+    """The model alone on pre-read regions of a dense plan, one region per call as the pipeline runs them;
+    the rate counts the planned tiles the regions hold (what the analysis's rate counts too)."""
+    predictor.predict_dense(regions[0])  # warm-up
+    done, k = 0, 0
+    with clocked() as clock:
+        while done < n_tiles:
+            predictor.predict_dense(regions[k % len(regions)])
+            done += counts[k % len(regions)]
+            k += 1
     return clock.rate(done)
 
 

@@ -3,7 +3,7 @@
 The GPU machines this benchmark runs on have torch with CUDA but no onnxruntime-gpu, so the GPU numbers are
 taken with the same network's torch weights (the checkpoint the ONNX was exported from, parity-checked by
 bench_analyze) behind the interface `service.analysis.inference.TilePredictor` asks for: uint8 (B, S, S, 3) RGB in,
-`Prediction(class_probs, fg_prob)` out as float32 numpy. Benchmark-only: the service itself runs ONNX.
+`Prediction(class_probs, fg_prob)` out as float32 numpy, and `predict_dense` for regions of a dense plan. Benchmark-only: the service itself runs ONNX.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class TorchPredictor:
         self.sha256 = onnx_predictor.sha256
         self.input_size, self.fm_size = onnx_predictor.input_size, onnx_predictor.fm_size
         self._net = OnnxWrapper(torch_model.to(self.device).eval(), torch_model.config).eval()
+        self._dense_net = OnnxWrapper(torch_model, torch_model.config, dense=True).eval()
         self.providers = [f"torch-{self.device.type}{' bf16' if half else ''}"]
 
     def describe(self) -> dict[str, Any]:
@@ -73,3 +74,18 @@ class TorchPredictor:
             probs_np = probs.float().cpu().numpy()
             fg_np = fg.float()[:, 0].cpu().numpy()
         return Prediction(class_probs=probs_np, fg_prob=fg_np)
+
+    def predict_dense(self, regions: np.ndarray) -> Any:
+        """uint8 regions (B, H, W, 3) to the device, the dense network, fg_prob and class_logits back."""
+        from model.runtime import DensePrediction
+
+        torch = self._torch
+        k = self.metadata.output_stride
+        if regions.dtype != np.uint8 or regions.ndim != 4 or regions.shape[1] % k or regions.shape[2] % k:
+            raise ValueError(f"expected uint8 (B, H, W, 3) with H, W multiples of {k}, got "
+                             f"{regions.dtype} {regions.shape}")
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(regions)).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.half):
+                _, fg, logits = self._dense_net(x)
+            return DensePrediction(fg_prob=fg.float()[:, 0].cpu().numpy(), class_logits=logits.float().cpu().numpy())

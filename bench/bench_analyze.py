@@ -43,10 +43,12 @@ from _measure import (  # noqa: E402
     NoopPredictor,
     measure_analysis,
     measure_model_alone,
+    measure_model_alone_dense,
     measure_naive,
     measure_openslide_reading,
     measure_pipeline_reading,
     plan_for,
+    predecoded_regions,
     predecoded_tiles,
 )
 from _summary import goals_for, print_summary  # noqa: E402
@@ -184,6 +186,7 @@ def _analysis_options(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         reader_threads=args.reader_threads or args.threads,
         reader_processes=args.reader_processes,
+        inference=args.inference,
     )
 
 
@@ -271,13 +274,22 @@ def _measure_efficiency(
     options = plan.options
     batch = int(options.batch_size)
     n_model = min(len(plan), args.model_tiles)
-    model_runs = [measure_model_alone(predictor, tiles, n_model, batch)]
+    if plan.region_plan is not None:  # dense: the model alone on the plan's own regions
+        regions, counts = predecoded_regions(slide, plan, 8)
+
+        def model_alone() -> dict[str, Any]:
+            return measure_model_alone_dense(predictor, regions, counts, n_model)
+    else:
+        def model_alone() -> dict[str, Any]:
+            return measure_model_alone(predictor, tiles, n_model, batch)
+    model_runs = [model_alone()]
     analysis_runs: list[dict[str, Any]] = []
     for k in range(args.repeats):
         analysis_runs.append(measure_analysis(slide, predictor, work / f"run-warm-{k}", len(plan), options))
-        model_runs.append(measure_model_alone(predictor, tiles, n_model, batch))
+        model_runs.append(model_alone())
     model = {
-        "batch": batch,
+        "batch": batch if plan.region_plan is None else "one region per call",
+        "inference": "tiles" if plan.region_plan is None else {"dense": plan.regions},
         "runs": model_runs,
         "mean_per_s": round(statistics.mean(m["per_s"] for m in model_runs), 3),
         "mean_cpu_s_per_tile": round(statistics.mean(m["cpu_s_per_item"] for m in model_runs), 5),
@@ -466,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="analysis and model-alone batch size")
     ap.add_argument("--reader-threads", type=int, default=None, help="pipeline reader threads (default --threads)")
     ap.add_argument("--reader-processes", type=int, default=0, help="pipeline reader processes (default 0: threads)")
+    ap.add_argument("--inference", choices=["auto", "dense", "tiles"], default="auto",
+                    help="the analysis option of that name (default auto: dense for a format_version 2 model)")
     ap.add_argument(
         "--backend",
         choices=("onnx", "torch"),

@@ -27,6 +27,7 @@ from model.config import ModelConfig, config_sha256
 from model.errors import ExportError, InvalidModelError, ParityError
 from model.network import PixelCAM, build_model
 from model.runtime import (
+    DENSE_OUTPUT,
     FORMAT_VERSION,
     INPUT_NAME,
     METADATA_KEY,
@@ -37,7 +38,8 @@ from model.runtime import (
     read_model_metadata,
 )
 
-__all__ = ["OnnxWrapper", "build_metadata", "calibrate_batchnorm", "check_parity", "export_onnx", "main", "weights_sha256"]
+__all__ = ["OnnxWrapper", "build_metadata", "calibrate_batchnorm", "check_parity", "export_onnx", "main",
+           "supports_dense", "upgrade_to_dense", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +48,38 @@ OPSET = 17
 _GRAPH_FIELDS = ("encoder_name", "encoder_width", "output_stride", "input_size", "mean", "std")
 
 
+def supports_dense(cfg: ModelConfig) -> bool:
+    """Whether the encoder is fully convolutional, so the artefact can be format version 2 (dense)."""
+    return cfg.encoder_name != "vit_tiny"  # the ViT's position embeddings fix its input at 224 px
+
+
 class OnnxWrapper(nn.Module):
-    """The exported graph: uint8 (B, S, S, 3) RGB -> class_probs (B, K), fg_prob (B, 1, S/k, S/k)."""
+    """The exported graph: uint8 (B, H, W, 3) RGB -> class_probs (B, K), fg_prob (B, 1, H/k, W/k), and with
+    `dense`, class_logits (B, K, H/k, W/k): the classifier applied at every cell before pooling (a GAP + linear
+    head's logits are exactly the mean of this map)."""
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, model: PixelCAM, cfg: ModelConfig):
+    def __init__(self, model: PixelCAM, cfg: ModelConfig, dense: bool = False):
         super().__init__()
         self.model = model
+        self.dense = dense
         self.device = next(model.parameters()).device  # buffers and inputs follow the model (CPU or GPU)
         shape = (1, 3, 1, 1)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32, device=self.device).reshape(shape))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32, device=self.device).reshape(shape))
 
-    def forward(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
-        x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (B, 3, S, S) in [0, 1]
+    def forward(self, tiles: Tensor) -> tuple[Tensor, ...]:
+        x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (B, 3, H, W) in [0, 1]
         out = self.model((x - self.mean) / self.std)
         class_probs = torch.softmax(out.class_logits, dim=1)
         fg_prob = torch.softmax(out.fg_logits, dim=1)[:, 1:2]
-        return class_probs, fg_prob
+        if not self.dense:
+            return class_probs, fg_prob
+        fc = self.model.cls_head.fc
+        logit_map = nn.functional.conv2d(out.features, fc.weight[:, :, None, None], fc.bias)
+        return class_probs, fg_prob, logit_map
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -92,7 +106,8 @@ def _software() -> dict[str, str]:
 
 
 def build_metadata(
-    cfg: ModelConfig, *, fg_threshold: float, weights_digest: str, provenance: Mapping[str, Any] | None = None
+    cfg: ModelConfig, *, fg_threshold: float, weights_digest: str, provenance: Mapping[str, Any] | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     """The `pixelcam` metadata document for `cfg`; `provenance` overrides the defaults it names."""
     prov: dict[str, Any] = {
@@ -105,7 +120,7 @@ def build_metadata(
     }
     prov.update(dict(provenance or {}))
     classes = tuple(ClassInfo(n, c) for n, c in zip(cfg.class_names, cfg.class_colors, strict=True))
-    meta = ModelMetadata(FORMAT_VERSION, classes, cfg.positive_class, cfg.foreground_name, cfg.foreground_color,
+    meta = ModelMetadata(format_version, classes, cfg.positive_class, cfg.foreground_name, cfg.foreground_color,
                          cfg.input_size, float(cfg.input_mpp), cfg.output_stride, float(fg_threshold),
                          cfg.encoder_name, prov)
     return meta.to_dict()  # the runtime's own serialiser: one definition of the document layout
@@ -142,16 +157,30 @@ def export_onnx(
     *,
     fg_threshold: float = 0.5,
     provenance: Mapping[str, Any] | None = None,
+    dense: bool | None = None,
 ) -> Path:
-    """Write `model` as one self-describing .onnx file at `path` (checked by onnx and by the runtime)."""
+    """Write `model` as one self-describing .onnx file at `path` (checked by onnx and by the runtime).
+
+    `dense` (default: whenever the encoder is fully convolutional) writes format_version 2; False writes
+    version 1 (fixed tile size, no class_logits), which older pixelcam releases read.
+    """
     path = Path(path)
     if not 0.0 < fg_threshold < 1.0:
         raise ExportError(f"fg_threshold must be in (0, 1), got {fg_threshold}")
     _check_config_matches(model, cfg)
     was_training = model.training
-    wrapper = OnnxWrapper(model, cfg).eval()
+    if dense and not supports_dense(cfg):
+        raise ExportError(f"{cfg.encoder_name} takes {cfg.input_size} px inputs only: it cannot be exported dense")
+    dense = supports_dense(cfg) if dense is None else dense
+    wrapper = OnnxWrapper(model, cfg, dense=dense).eval()
     dummy = torch.zeros(1, cfg.input_size, cfg.input_size, 3, dtype=torch.uint8, device=wrapper.device)
-    batch_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    output_names = [*OUTPUT_NAMES, DENSE_OUTPUT] if dense else list(OUTPUT_NAMES)
+    if dense:
+        cells = {0: "batch", 2: "cells_y", 3: "cells_x"}
+        axes = {INPUT_NAME: {0: "batch", 1: "height", 2: "width"}, OUTPUT_NAMES[0]: {0: "batch"},
+                OUTPUT_NAMES[1]: cells, DENSE_OUTPUT: cells}
+    else:
+        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -162,12 +191,12 @@ def export_onnx(
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 wrapper, (dummy,), str(tmp), dynamo=False, external_data=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=batch_axes,
+                input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=axes,
                 do_constant_folding=True,
             )
         proto = onnx.load(str(tmp))
         meta = build_metadata(cfg, fg_threshold=fg_threshold, weights_digest=weights_sha256(model),
-                              provenance=provenance)
+                              provenance=provenance, format_version=2 if dense else 1)
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True, default=_json_value)
@@ -196,12 +225,22 @@ def check_parity(
     was_training = model.training
     wrapper = OnnxWrapper(model, model.config).eval()
     with torch.no_grad():
-        ref_probs, ref_fg = (t.cpu() for t in wrapper(torch.from_numpy(tiles).to(wrapper.device)))
+        ref_probs, ref_fg = (t.cpu() for t in wrapper(torch.from_numpy(tiles).to(wrapper.device))[:2])
     model.train(was_training)
     diffs = {
         "class_probs": float(np.abs(got.class_probs - ref_probs.numpy()).max()),
         "fg_prob": float(np.abs(got.fg_prob - ref_fg[:, 0].numpy()).max()),
     }
+    if predictor.metadata.dense:  # the dense outputs on a region of 2 x 2 tiles, against torch on the same pixels
+        region = np.concatenate([np.concatenate([tiles[i % len(tiles)], tiles[(i + 1) % len(tiles)]], axis=1)
+                                 for i in range(2)], axis=0)[None]
+        dense_got = predictor.predict_dense(np.ascontiguousarray(region))
+        with torch.no_grad():
+            _, ref_fg_map, ref_logits = OnnxWrapper(model, model.config, dense=True).eval()(
+                torch.from_numpy(region).to(wrapper.device))
+        model.train(was_training)
+        diffs["dense_fg_prob"] = float(np.abs(dense_got.fg_prob - ref_fg_map[:, 0].cpu().numpy()).max())
+        diffs["class_logits"] = float(np.abs(dense_got.class_logits - ref_logits.cpu().numpy()).max())
     logger.info("parity of %s on %d tiles: %s", path, len(tiles), diffs)
     worst = max(diffs, key=lambda k: diffs[k])
     if not diffs[worst] <= atol:
@@ -210,6 +249,67 @@ def check_parity(
             "the export is not faithful: check for training-mode layers or unsupported ops"
         )
     return diffs
+
+
+def upgrade_to_dense(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite a format-version-1 artefact as version 2 (dense) without touching its weights.
+
+    The graph gains `class_logits` (B, K, H/k, W/k): a 1 x 1 convolution of the encoder's feature map (the input
+    of the classifier's global average pool) with the classifier's own weight and bias; the input's height and
+    width become free. Every other node and initializer is kept, so tile-sized inputs give bit-identical
+    `class_probs` and `fg_prob`. Refused when the graph is not the PixelCAM layout (GAP -> Gemm classifier).
+    """
+    src, dst = Path(src), Path(dst)
+    meta = read_model_metadata(src)
+    if meta.dense:
+        raise ExportError(f"{src} is already format_version {meta.format_version} (dense)")
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    softmax = producers.get(OUTPUT_NAMES[0])
+    gemm = producers.get(softmax.input[0]) if softmax is not None and softmax.op_type == "Softmax" else None
+    pool = producers.get(gemm.input[0]) if gemm is not None and gemm.op_type == "Gemm" else None
+    if pool is None or pool.op_type not in ("ReduceMean", "GlobalAveragePool"):
+        raise ExportError(f"{src}: class_probs is not Softmax(Gemm(global average pool(features))); only "
+                          "PixelCAM's GAP + linear classifier can be upgraded (re-export from a checkpoint)")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
+    if attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        raise ExportError(f"{src}: the classifier Gemm is not y = x W^T + b; re-export from a checkpoint")
+    inits = {t.name: t for t in graph.initializer}
+    weight = onnx.numpy_helper.to_array(inits[gemm.input[1]])  # (K, C)
+    bias = onnx.numpy_helper.to_array(inits[gemm.input[2]])
+    conv_w = onnx.numpy_helper.from_array(weight[:, :, None, None].astype(np.float32), "class_logits.weight")
+    conv_b = onnx.numpy_helper.from_array(bias.astype(np.float32), "class_logits.bias")
+    graph.initializer.extend([conv_w, conv_b])
+    graph.node.append(onnx.helper.make_node("Conv", [pool.input[0], conv_w.name, conv_b.name], [DENSE_OUTPUT],
+                                            name="class_logits/Conv", kernel_shape=[1, 1]))
+    dims = graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_param, dims[2].dim_param = "height", "width"
+    for out in graph.output:
+        if out.name == OUTPUT_NAMES[1]:
+            out_dims = out.type.tensor_type.shape.dim
+            out_dims[2].dim_param, out_dims[3].dim_param = "cells_y", "cells_x"
+    graph.output.append(onnx.helper.make_tensor_value_info(
+        DENSE_OUTPUT, onnx.TensorProto.FLOAT, ["batch", meta.num_classes, "cells_y", "cells_x"]))
+    del graph.value_info[:]  # intermediate shapes were inferred for one input size
+    doc = meta.to_dict()
+    doc["format_version"] = 2
+    doc["provenance"] = {**doc["provenance"], "upgraded": {
+        "from_format_version": meta.format_version, "from_sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+        "change": "class_logits output (1x1 conv with the classifier's weights) and free input height/width; "
+                  "weights unchanged", "date": datetime.now(UTC).isoformat(timespec="seconds")}}
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(doc, sort_keys=True, default=_json_value)
+    onnx.checker.check_model(proto, full_check=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        onnx.save(proto, str(tmp))
+        read_model_metadata(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def calibrate_batchnorm(model: PixelCAM, tiles_uint8: np.ndarray) -> None:
@@ -253,6 +353,8 @@ def _parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--random", action="store_true", help="export a randomly initialised model")
     source.add_argument("--checkpoint", type=Path, help="export the model of this training checkpoint")
+    source.add_argument("--upgrade", type=Path, metavar="V1.onnx",
+                        help="rewrite a format_version 1 artefact as version 2 (dense), weights unchanged")
     parser.add_argument("out", type=Path, help="path of the .onnx file to write")
     parser.add_argument("--encoder", default="resnet18", help="--random only: encoder name")
     parser.add_argument("--width", type=float, default=0.5, help="--random only: encoder width multiplier")
@@ -269,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: export a random (BN-calibrated on noise) or trained model, then check parity."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    if args.upgrade:
+        upgrade_to_dense(args.upgrade, args.out)
+        logger.info("wrote %s (format_version 2, weights of %s)", args.out, args.upgrade)
+        return 0
     if args.random:
         torch.manual_seed(args.seed)
         cfg = ModelConfig(encoder_name=args.encoder, encoder_width=args.width,

@@ -99,9 +99,12 @@ def calibration_tiles(
     return np.ascontiguousarray(np.stack(tiles))
 
 
-def _signature(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """Names and full types of the graph's inputs and outputs."""
-    return [(v.name, str(v.type)) for v in (*model.graph.input, *model.graph.output)]
+def _signature(model: onnx.ModelProto) -> list[tuple[str, int, tuple[int | None, ...]]]:
+    """Names, element types and static dims (None: symbolic) of the graph's inputs and outputs."""
+    def dims(v: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+        return tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+
+    return [(v.name, v.type.tensor_type.elem_type, dims(v)) for v in (*model.graph.input, *model.graph.output)]
 
 
 def quantize_model(
@@ -163,6 +166,9 @@ def quantize_model(
         proto = onnx.load(str(tmp))
         if _signature(proto) != _signature(source):
             raise ExportError(f"quantisation changed the graph's inputs/outputs: {_signature(proto)}")
+        for mine, theirs in zip((*proto.graph.input, *proto.graph.output),
+                                (*source.graph.input, *source.graph.output), strict=True):
+            mine.type.CopyFrom(theirs.type)  # the source's own names for the symbolic dims
         del proto.metadata_props[:]
         for prop in source.metadata_props:  # the source's properties, only the pixelcam document amended
             entry = proto.metadata_props.add()

@@ -29,7 +29,10 @@ __all__ = [
     "INPUT_NAME",
     "METADATA_KEY",
     "OUTPUT_NAMES",
+    "DENSE_OUTPUT",
+    "READ_VERSIONS",
     "ClassInfo",
+    "DensePrediction",
     "InvalidModelError",
     "ModelMetadata",
     "Prediction",
@@ -41,10 +44,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "pixelcam-onnx"
-FORMAT_VERSION = 1
+# Version 1: tiles (B, S, S, 3) -> class_probs (B, K), fg_prob (B, 1, S/k, S/k).
+# Version 2 (dense): any (B, H, W, 3) with H, W multiples of the output stride -> the same two outputs, plus
+# class_logits (B, K, H/k, W/k): each class's logit at every output cell before pooling (for a GAP + linear head,
+# their mean over a window is the logit a window-sized tile would get, up to context and padding).
+FORMAT_VERSION = 2  # what this pixelcam writes
+READ_VERSIONS = (1, 2)  # what it reads
 METADATA_KEY = "pixelcam"
 INPUT_NAME = "tiles"
 OUTPUT_NAMES: tuple[str, str] = ("class_probs", "fg_prob")
+DENSE_OUTPUT = "class_logits"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVENANCE_FIELDS = ("dataset", "train_config_sha256", "metrics", "export_date", "weights_sha256", "software")
 _FIX = "re-export it with `python -m model.export` (or training/run.py), which writes a valid artefact"
@@ -103,6 +112,11 @@ class ModelMetadata:
         """Side of `fg_prob` in cells: input_size // output_stride."""
         return self.input_size // self.output_stride
 
+    @property
+    def dense(self) -> bool:
+        """Whether the graph takes inputs of any size and gives per-cell class logits (format version 2)."""
+        return self.format_version >= 2
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document this metadata was parsed from (normalised)."""
         return {
@@ -131,6 +145,14 @@ class Prediction:
 
     class_probs: np.ndarray
     fg_prob: np.ndarray
+
+
+@dataclass(frozen=True)
+class DensePrediction:
+    """Dense model outputs for a batch of regions: fg_prob (B, H/k, W/k), class_logits (B, K, H/k, W/k)."""
+
+    fg_prob: np.ndarray
+    class_logits: np.ndarray
 
 
 def _bad(source: str, what: str) -> InvalidModelError:
@@ -204,10 +226,10 @@ def _parse_metadata(doc: Any, source: str) -> ModelMetadata:
     if doc.get("format") != FORMAT:
         raise _bad(source, f"metadata 'format' is {doc.get('format')!r}, expected {FORMAT!r}")
     version = _field(doc, "format_version", int, source)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise InvalidModelError(
-            f"{source}: unknown format_version {version}; this pixelcam reads version {FORMAT_VERSION}: "
-            "upgrade pixelcam to read newer models, or re-export the model with this version"
+            f"{source}: unknown format_version {version}; this pixelcam reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}: upgrade pixelcam to read newer models, or re-export the model"
         )
     classes, positive = _parse_classes(doc, source)
     fg_name, fg_color = _named_color(_field(doc, "foreground", dict, source), "foreground", source)
@@ -232,18 +254,42 @@ def _check_graph(session: ort.InferenceSession, meta: ModelMetadata, source: str
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
         raise _bad(source, f"the graph must have one input named {INPUT_NAME!r}, has {[i.name for i in inputs]}")
     s = meta.input_size
-    if inputs[0].type != "tensor(uint8)" or _dims(inputs[0].shape)[1:] != [s, s, 3]:
-        raise _bad(source, f"input {INPUT_NAME!r} must be uint8 (B, {s}, {s}, 3) RGB (NHWC), "
-                           f"got {inputs[0].type} {inputs[0].shape}")
+    side: int | None = None if meta.dense else s  # a dense graph's height and width are free
+    if inputs[0].type != "tensor(uint8)" or _dims(inputs[0].shape)[1:] != [side, side, 3]:
+        want = "H, W" if meta.dense else f"{s}, {s}"
+        raise _bad(source, f"input {INPUT_NAME!r} must be uint8 (B, {want}, 3) RGB (NHWC) for format_version "
+                           f"{meta.format_version}, got {inputs[0].type} {inputs[0].shape}")
     outputs = {o.name: o for o in session.get_outputs()}
-    expected = {"class_probs": [meta.num_classes], "fg_prob": [1, meta.fm_size, meta.fm_size]}
+    fm: int | None = None if meta.dense else meta.fm_size
+    expected: dict[str, list[int | None]] = {"class_probs": [meta.num_classes], "fg_prob": [1, fm, fm]}
+    if meta.dense:
+        expected[DENSE_OUTPUT] = [meta.num_classes, None, None]
     for name, tail in expected.items():
         if name not in outputs:
             raise _bad(source, f"the graph has no output {name!r} (outputs: {sorted(outputs)})")
         out = outputs[name]
         if out.type != "tensor(float)" or len(out.shape) != len(tail) + 1 or _dims(out.shape)[1:] != tail:
-            raise _bad(source, f"output {name!r} must be float32 (B, {', '.join(map(str, tail))}) to match the "
-                               f"metadata (classes, input_size / output_stride), got {out.type} {out.shape}")
+            dims = ", ".join("?" if d is None else str(d) for d in tail)
+            raise _bad(source, f"output {name!r} must be float32 (B, {dims}) to match the metadata (classes, "
+                               f"input_size / output_stride, format_version), got {out.type} {out.shape}")
+    if meta.dense:
+        _probe_dense(session, meta, source)
+
+
+def _probe_dense(session: ort.InferenceSession, meta: ModelMetadata, source: str) -> None:
+    """A dense graph's spatial sizes are free: run one blank tile and check that the outputs have the shapes the
+    metadata promises (input_size / output_stride cells, one logit map per class)."""
+    blank = np.full((1, meta.input_size, meta.input_size, 3), 255, np.uint8)
+    try:
+        got = session.run([*OUTPUT_NAMES, DENSE_OUTPUT], {INPUT_NAME: blank})
+    except _ORT_ERRORS as err:
+        raise _bad(source, f"the graph fails on a {meta.input_size} px tile ({err})") from err
+    fm, k = meta.fm_size, meta.num_classes
+    want = {"class_probs": (1, k), "fg_prob": (1, 1, fm, fm), DENSE_OUTPUT: (1, k, fm, fm)}
+    for (name, shape), value in zip(want.items(), got, strict=True):
+        if tuple(value.shape) != shape:
+            raise _bad(source, f"on a {meta.input_size} px tile, output {name!r} has shape {tuple(value.shape)}, "
+                               f"not {shape} as the metadata (input_size / output_stride, classes) says")
 
 
 def _metadata_from_session(session: ort.InferenceSession, source: str) -> ModelMetadata:
@@ -363,3 +409,21 @@ class Predictor:
                              f"resize tiles to the model's input_size {s} and stack them")
         class_probs, fg_prob = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(tiles)})
         return Prediction(np.asarray(class_probs, dtype=np.float32), np.asarray(fg_prob[:, 0], dtype=np.float32))
+
+    def predict_dense(self, regions: np.ndarray) -> DensePrediction:
+        """Run uint8 regions (B, H, W, 3) RGB of any size that is a multiple of the output stride k (a dense,
+        format_version 2 model only); returns fg_prob (B, H/k, W/k) and class_logits (B, K, H/k, W/k)."""
+        k = self.metadata.output_stride
+        if not self.metadata.dense:
+            raise ValueError(f"{self.path.name} is a format_version {self.metadata.format_version} model: it takes "
+                             f"{self.input_size} px tiles only; re-export it (python -m model.export --upgrade) "
+                             "for dense inference")
+        if not isinstance(regions, np.ndarray) or regions.dtype != np.uint8 or regions.ndim != 4 \
+                or regions.shape[3] != 3 or regions.shape[0] < 1:
+            got = f"{regions.dtype} {regions.shape}" if isinstance(regions, np.ndarray) else type(regions).__name__
+            raise ValueError(f"regions must be a uint8 numpy array (B>=1, H, W, 3) RGB, got {got}")
+        if regions.shape[1] % k or regions.shape[2] % k:
+            raise ValueError(f"region height and width must be multiples of the output stride {k}, "
+                             f"got {regions.shape[1]} x {regions.shape[2]}")
+        fg_prob, logits = self._session.run(["fg_prob", DENSE_OUTPUT], {INPUT_NAME: np.ascontiguousarray(regions)})
+        return DensePrediction(np.asarray(fg_prob[:, 0], dtype=np.float32), np.asarray(logits, dtype=np.float32))

@@ -111,6 +111,8 @@ def _provenance(plan: JobPlan, model_meta: ModelMetadata, model_sha256: str) -> 
             "lvl_tile_size": plan.tiles.lvl_tile_size,
             "input_size": plan.tiles.input_size,
             "input_mpp": plan.tiles.input_mpp,
+            # dense inference: the regions the model ran on (tiles per side, halo in input px); absent: tiles
+            **({"regions": dict(plan.regions)} if plan.regions else {}),
         },
         "software": software_versions(),
     }

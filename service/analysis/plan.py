@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,15 +28,17 @@ from model.runtime import ModelMetadata
 from service.analysis.chunks import TISSUE_FILE, PipelineError
 from service.outputs.stitching import HeatmapGrid
 from service.slide.metadata import MPP_RANGE
-from service.slide.tiling import TilePlan, detect_tissue, plan_tiles
+from service.slide.tiling import RegionPlan, TilePlan, detect_tissue, plan_regions, plan_tiles
 from service.slide.wsi import open_slide
 
 __all__ = [
     "PLAN_FILE",
     "WORKER_OPTION_KEYS",
     "AnalysisOptions",
+    "InvalidOptionsError",
     "JobPlan",
     "OptionSpec",
+    "dense_layout",
     "file_sha256",
     "option_specs",
     "prepare_job",
@@ -130,6 +133,16 @@ class AnalysisOptions:
     geojson_gzip: bool = _option(False, OptionSpec(bool, "write result.geojson.gz", worker=True))
     hash_slide: bool = _option(True, OptionSpec(
         bool, "SHA-256 of the slide file in the provenance (reads the whole file once)"))
+    inference: str = _option("auto", OptionSpec(
+        str, "dense: the model runs on regions of tiles with a context halo and their cores are written edge "
+             "to edge (no seams; needs a format_version 2 model and overlap 0); tiles: every tile on its own; "
+             "auto: dense when the model and overlap allow it", choices=("auto", "dense", "tiles")))
+    region_tiles: int = _option(6, OptionSpec(
+        int, "dense inference: tiles per region side (a region's core is region_tiles x the model window)",
+        ge=1, le=16))
+    halo_px: int = _option(128, OptionSpec(
+        int, "dense inference: context margin around each region core, in model-input pixels (a multiple of "
+             "the model's output stride); read, never written", ge=0, le=512))
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, saying what would."""
@@ -173,7 +186,16 @@ class JobPlan:
     l0_offset_xy: tuple[int, int]
     tissue_l0_per_px: float
     prepare_s: float = 0.0
+    # dense inference: {"tiles_per_side", "halo_in"}; the tiles are then in region-major order
+    regions: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def region_plan(self) -> RegionPlan | None:
+        """The regions the tiles are read and inferred in (dense inference), else None."""
+        if self.regions is None:
+            return None
+        return plan_regions(self.tiles, int(self.regions["tiles_per_side"]), int(self.regions["halo_in"]))
 
     @property
     def l0_xy(self) -> np.ndarray:
@@ -188,7 +210,19 @@ class JobPlan:
         size = int(chunk_size or self.options.chunk_size)
         if size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {size}")
-        return [range(i, min(i + size, len(self))) for i in range(0, len(self), size)]
+        regions = self.region_plan
+        if regions is None:
+            return [range(i, min(i + size, len(self))) for i in range(0, len(self), size)]
+        # dense: whole regions per chunk (a region's core is written by one chunk), about `size` tiles each
+        out: list[range] = []
+        start = 0
+        for r in regions.tile_ranges():
+            if r.stop - start >= size:
+                out.append(range(start, r.stop))
+                start = r.stop
+        if start < len(self):
+            out.append(range(start, len(self)))
+        return out
 
     def grid(self) -> HeatmapGrid:
         """The heatmap frame."""
@@ -254,6 +288,32 @@ def file_sha256(path: str | os.PathLike[str], block_bytes: int = 1 << 22) -> str
     return digest.hexdigest()
 
 
+class InvalidOptionsError(ValueError):
+    """Options that are each valid but cannot work together, or not with this model (retrying cannot help)."""
+
+
+def dense_layout(options: AnalysisOptions, model_meta: ModelMetadata) -> dict[str, int] | None:
+    """The region layout of dense inference for these options and this model, or None for tile by tile.
+
+    `auto` is dense when the model is (format_version 2) and tiles do not overlap; `dense` insists and says
+    why it cannot be.
+    """
+    if options.inference == "tiles" or (options.inference == "auto" and
+                                        (not model_meta.dense or options.overlap > 0)):
+        return None
+    if not model_meta.dense:
+        raise InvalidOptionsError(f"inference 'dense' needs a format_version 2 model; this one is version "
+                            f"{model_meta.format_version} (upgrade it: python -m model.export --upgrade IN OUT), "
+                            "or use inference 'tiles'")
+    if options.overlap > 0:
+        raise InvalidOptionsError(f"inference 'dense' writes region cores edge to edge: it needs overlap 0, got "
+                            f"{options.overlap}; drop overlap, or use inference 'tiles'")
+    if options.halo_px % model_meta.output_stride:
+        raise InvalidOptionsError(f"halo_px {options.halo_px} must be a multiple of the model's output stride "
+                            f"{model_meta.output_stride}")
+    return {"tiles_per_side": options.region_tiles, "halo_in": options.halo_px}
+
+
 def prepare_job(
     slide_path: str | Path,
     model_meta: ModelMetadata,
@@ -287,6 +347,9 @@ def prepare_job(
                 overlap=options.overlap,
             )
         sha = digest.result() if digest is not None else slide_sha256
+    regions = dense_layout(options, model_meta)
+    if regions is not None:  # tiles in region-major order: a chunk is then a run of whole regions
+        tiles = tiles.take(plan_regions(tiles, regions["tiles_per_side"], regions["halo_in"]).t_order)
     if not cv2.imwrite(str(folder / TISSUE_FILE), tissue.mask.astype(np.uint8) * 255):
         raise PipelineError(f"cannot write the tissue mask into {folder}; check that it is writable")
     plan = JobPlan(
@@ -302,6 +365,7 @@ def prepare_job(
         l0_offset_xy=(int(info.bounds[0]), int(info.bounds[1])) if info.bounds else (0, 0),
         tissue_l0_per_px=float(tissue.l0_per_px),
         prepare_s=time.perf_counter() - t0,
+        regions=regions,
     )
     plan.save(folder)
     logger.info(

@@ -87,6 +87,15 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument(
         "--hm-downsample", type=float, help="level-0 pixels per heatmap cell (default: model cell)"
     )
+    p.add_argument(
+        "--inference",
+        choices=["auto", "dense", "tiles"],
+        help="dense: regions of tiles with a context halo, cores edge to edge, no seams (format_version 2 "
+        "models, overlap 0); tiles: each tile alone; auto (default): dense when the model and overlap allow",
+    )
+    # no defaults here: AnalysisOptions holds them (one definition), and only given flags are passed on
+    p.add_argument("--region-tiles", type=int, help="dense: tiles per region side")
+    p.add_argument("--halo", type=int, help="dense: context margin around a region, in model-input px")
     p.add_argument("--no-detections", action="store_true", help="leave the tile objects out of the GeoJSON")
     p.add_argument("--gzip", action="store_true", help="write result.geojson.gz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -109,6 +118,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
             reader_processes=args.reader_processes,
             write_detections=not args.no_detections,
             geojson_gzip=args.gzip,
+            **{name: value for name, value in (("inference", args.inference), ("region_tiles", args.region_tiles),
+                                               ("halo_px", args.halo)) if value is not None},
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -159,6 +170,7 @@ def _run_analysis(args: argparse.Namespace) -> Any:
     # heavy (onnxruntime, OpenCV): imported when an analysis runs, not for `pixelcam --help`
     from model.runtime import Predictor
     from service.analysis.pipeline import analyze_slide
+    from service.analysis.plan import InvalidOptionsError
 
     options = options_from_args(args)
     remote = "://" in args.slide
@@ -173,6 +185,8 @@ def _run_analysis(args: argparse.Namespace) -> Any:
     bar = _Bar(enabled=not args.quiet)
     try:
         return analyze_slide(slide, predictor, out, options, progress=bar)
+    except InvalidOptionsError as err:  # options that cannot work together, or not with this model
+        raise UsageError(str(err)) from err
     finally:
         bar.close()
 

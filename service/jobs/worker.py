@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from model.runtime import InvalidModelError, Prediction, Predictor
+from model.runtime import DensePrediction, InvalidModelError, Prediction, Predictor
 from service import constants
 from service.analysis.chunks import save_chunk
 from service.analysis.finalize import finalize_job
 from service.analysis.inference import plan_reader, run_chunk
-from service.analysis.plan import AnalysisOptions, JobPlan, prepare_job
+from service.analysis.plan import AnalysisOptions, InvalidOptionsError, JobPlan, prepare_job
 from service.errors import PermanentJobError, ServiceError
 from service.jobs.queue import JobQueue, Message, connect
 from service.jobs.storage import ModelRegistry, job_dir
@@ -49,7 +49,8 @@ _MAX_OPEN_SLIDES = 4
 # readers with worker processes hold N processes (and their tile caches) each while open: keep fewer of them
 _MAX_OPEN_PROCESS_READERS = 2
 # errors that retrying cannot fix (an unreadable slide, a refused model): the job fails at once with the reason
-_PERMANENT_ERRORS: tuple[type[Exception], ...] = (SlideError, InvalidModelError, ServiceError, PermanentJobError)
+_PERMANENT_ERRORS: tuple[type[Exception], ...] = (SlideError, InvalidModelError, InvalidOptionsError, ServiceError,
+                                                  PermanentJobError)
 
 
 class JobCancelled(Exception):
@@ -74,6 +75,16 @@ class _TimedPredictor:
         t0 = time.perf_counter()
         out = self._predictor.predict(tiles)
         self._queue.record_batch(int(tiles.shape[0]), self._batch_size, time.perf_counter() - t0)
+        return out
+
+    def predict_dense(self, regions: np.ndarray) -> DensePrediction:
+        """Predict one batch of regions (B, H, W, 3) uint8, after checking that the job still wants it; the
+        batch's fill is counted in model windows (tiles' worth of pixels)."""
+        self._check()
+        t0 = time.perf_counter()
+        out = self._predictor.predict_dense(regions)
+        windows = regions.shape[0] * regions.shape[1] * regions.shape[2] / self._predictor.input_size ** 2
+        self._queue.record_batch(int(round(windows)), self._batch_size, time.perf_counter() - t0)
         return out
 
 

@@ -8,6 +8,7 @@ model's input size.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import numpy as np
 from service.slide.errors import SlideError
 from service.slide.wsi import Slide, SlideInfo
 
-__all__ = ["ResolutionTooLowError", "TilePlan", "TissueMask", "detect_tissue", "plan_tiles", "tissue_from_rgb"]
+__all__ = ["RegionPlan", "ResolutionTooLowError", "TilePlan", "TissueMask", "detect_tissue", "plan_regions",
+           "plan_tiles", "tissue_from_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,12 @@ class TilePlan:
     def __len__(self) -> int:
         return int(self.l0_xy.shape[0])
 
+    def take(self, order: np.ndarray) -> TilePlan:
+        """The same plan with its tiles in `order` (a permutation of the tile indices)."""
+        order = np.asarray(order, np.int64)
+        return dataclasses.replace(self, l0_xy=self.l0_xy[order], t_grid_xy=self.t_grid_xy[order],
+                                   tissue_fraction=self.tissue_fraction[order])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
         return {
@@ -248,3 +256,77 @@ def plan_tiles(info: SlideInfo, tissue: TissueMask, input_mpp: float, input_size
         l0_origin_xy=(int(ox), int(oy)), min_tissue=float(min_tissue), overlap=float(overlap),
         extra={"l0_align": float(l0_align)},
     )
+
+
+@dataclass(frozen=True, eq=False)
+class RegionPlan:
+    """Blocks of `tiles_per_side` x `tiles_per_side` grid tiles read as one square with a `halo_in` margin.
+
+    `reads` is a TilePlan whose "tiles" are the regions' reading squares (core + halo on every side), so the
+    tile reader reads them as it reads tiles. A region's core covers its grid tiles edge to edge; the halo is
+    context only, never written. Planes: `t_` tile indices of the plan the regions were made from, `r_` region
+    indices, `in_` model-input pixels of a region (its core starts at `halo_in`).
+    """
+
+    reads: TilePlan
+    tiles_per_side: int
+    halo_in: int
+    t_order: np.ndarray  # (N,) the tile plan's indices in region-major order
+    t_region: np.ndarray  # (N,) in that order: the region of each tile (non-decreasing)
+    t_cell_xy: np.ndarray  # (N, 2) in that order: the tile's column and row inside its region's core
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    @property
+    def region_input_size(self) -> int:
+        """Side of a region at the model's input scale: the core plus a halo on each side."""
+        return int(self.reads.input_size)
+
+    def tile_ranges(self) -> list[range]:
+        """For each region, its tiles' indices in region-major order (contiguous ranges)."""
+        bounds = np.searchsorted(self.t_region, np.arange(len(self) + 1))
+        return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def plan_regions(plan: TilePlan, tiles_per_side: int, halo_in: int) -> RegionPlan:
+    """Group the kept tiles of a no-overlap plan into regions of `tiles_per_side` squared grid tiles.
+
+    Only regions holding at least one kept tile are read; tiles of a region that were not kept (too little
+    tissue) are read as context but give no output. The reading square of a region starts `halo_in` input
+    pixels before its first grid tile's corner (on the same lattice as the tiles), so JPEG tiles keep their exact
+    DCT-scaled decoding.
+    """
+    if plan.overlap != 0.0:
+        raise ValueError(f"regions need a no-overlap tile plan (tiles edge to edge), got overlap {plan.overlap}")
+    if tiles_per_side < 1 or halo_in < 0:
+        raise ValueError(f"tiles_per_side must be >= 1 and halo_in >= 0, got {tiles_per_side} and {halo_in}")
+    r = tiles_per_side
+    gx, gy = plan.t_grid_xy[:, 0], plan.t_grid_xy[:, 1]
+    n_rx = -(-plan.grid_size_wh[0] // r)
+    region_key = (gy // r) * n_rx + gx // r
+    order = np.lexsort((gx, gy, region_key))  # region-major, then row-major inside a region
+    keys, t_region = np.unique(region_key[order], return_inverse=True)
+    t_cell_xy = np.stack([gx[order] % r, gy[order] % r], axis=1).astype(np.int64)
+    lvl_per_in = plan.lvl_tile_size / plan.input_size
+    halo_lvl = int(round(halo_in * lvl_per_in))
+    align = float(plan.extra.get("l0_align", plan.level_downsample))
+    ox, oy = plan.l0_origin_xy
+    core_gx, core_gy = (keys % n_rx) * r, (keys // n_rx) * r
+    # the region's first grid tile corner, computed exactly as plan_tiles computes tile corners
+    l0_x = np.round(np.round((ox + core_gx * plan.l0_stride) / align) * align)
+    l0_y = np.round(np.round((oy + core_gy * plan.l0_stride) / align) * align)
+    halo_l0 = halo_lvl * plan.level_downsample
+    reads = dataclasses.replace(
+        plan,
+        l0_xy=np.stack([l0_x - halo_l0, l0_y - halo_l0], axis=1).round().astype(np.int64),
+        t_grid_xy=np.stack([keys % n_rx, keys // n_rx], axis=1).astype(np.int64),
+        tissue_fraction=np.ones(len(keys), np.float32),
+        l0_tile_size=float(r * plan.l0_stride + 2 * halo_l0),
+        l0_stride=float(r * plan.l0_stride),
+        lvl_tile_size=int(r * plan.lvl_tile_size + 2 * halo_lvl),
+        input_size=int(r * plan.input_size + 2 * halo_in),
+        grid_size_wh=(int(n_rx), int(-(-plan.grid_size_wh[1] // r))),
+        extra={**plan.extra, "regions": {"tiles_per_side": r, "halo_in": int(halo_in)}},
+    )
+    return RegionPlan(reads, r, int(halo_in), order.astype(np.int64), t_region.astype(np.int64), t_cell_xy)

@@ -57,3 +57,11 @@ def resnet_onnx(tmp_path_factory: pytest.TempPathFactory, resnet_model: PixelCAM
     path = tmp_path_factory.mktemp("onnx") / "resnet18.onnx"
     return export_onnx(resnet_model, resnet_cfg, path, fg_threshold=0.4,
                        provenance={"dataset": "glas-test", "metrics": {"pxap": 12.5}})
+
+
+@pytest.fixture(scope="session")
+def resnet_onnx_v1(tmp_path_factory: pytest.TempPathFactory, resnet_model: PixelCAM, resnet_cfg: ModelConfig) -> Path:
+    """The same model as a format_version 1 artefact (fixed 224 px tiles, no class_logits)."""
+    path = tmp_path_factory.mktemp("onnx_v1") / "resnet18-v1.onnx"
+    return export_onnx(resnet_model, resnet_cfg, path, fg_threshold=0.4, dense=False,
+                       provenance={"dataset": "glas-test", "metrics": {"pxap": 12.5}})

@@ -27,7 +27,8 @@ def test_resnet_export_checks_and_matches_torch(
     assert proto.opset_import[0].version == 17
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     diffs = check_parity(resnet_model, resnet_onnx, tissue_tiles, atol=1e-4)
-    assert set(diffs) == {"class_probs", "fg_prob"}
+    # a ResNet artefact is format_version 2: the dense outputs are checked on a 2 x 2-tile region too
+    assert set(diffs) == {"class_probs", "fg_prob", "dense_fg_prob", "class_logits"}
     assert max(diffs.values()) <= 1e-4
     # The tiles differ, so a faithful model gives different maps: the comparison is not between constants.
     fg = Predictor(resnet_onnx).predict(tissue_tiles).fg_prob
@@ -43,6 +44,46 @@ def test_vit_export_matches_torch(tmp_path: Path, tissue_tiles: np.ndarray) -> N
     check_parity(model, path, tissue_tiles[:3], atol=1e-4)
     pred = Predictor(path).predict(tissue_tiles[:2])
     assert pred.fg_prob.shape == (2, 14, 14)
+    assert not read_model_metadata(path).dense  # the ViT takes 224 px only: a format_version 1 artefact
+
+
+def test_dense_outputs_pool_to_the_tile_classifier_and_take_any_size(
+    resnet_onnx: Path, tissue_tiles: np.ndarray
+) -> None:
+    predictor = Predictor(resnet_onnx, threads=2)
+    assert predictor.metadata.dense and predictor.metadata.format_version == 2
+    tiles = predictor.predict(tissue_tiles[:3])
+    dense = predictor.predict_dense(tissue_tiles[:3])
+    np.testing.assert_allclose(dense.fg_prob, tiles.fg_prob, atol=1e-5)
+    pooled = dense.class_logits.mean(axis=(2, 3))
+    probs = np.exp(pooled) / np.exp(pooled).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs, tiles.class_probs, atol=1e-5)  # GAP + linear = mean of the logit map
+    region = np.ascontiguousarray(np.concatenate([tissue_tiles[0], tissue_tiles[1][:, :96]], axis=1)[None])
+    out = predictor.predict_dense(region)  # 224 x 320: any multiple of the output stride
+    assert out.fg_prob.shape == (1, 28, 40) and out.class_logits.shape == (1, 2, 28, 40)
+    with pytest.raises(ValueError, match="multiples of the output stride"):
+        predictor.predict_dense(np.zeros((1, 224, 230, 3), np.uint8))
+
+
+def test_a_v1_artefact_is_upgraded_to_dense_with_its_weights(tmp_path: Path, tissue_tiles: np.ndarray) -> None:
+    cfg = ModelConfig(encoder_name="resnet18", encoder_width=0.25, output_stride=8)
+    model = small_model(cfg, tissue_tiles)
+    v1 = tmp_path / "v1.onnx"
+    export_onnx(model, cfg, v1, dense=False)  # as older pixelcam wrote them
+    old = Predictor(v1)
+    assert not old.metadata.dense
+    with pytest.raises(ValueError, match="format_version 1"):
+        old.predict_dense(tissue_tiles[:1])
+    v2 = tmp_path / "v2.onnx"
+    assert main(["--upgrade", str(v1), str(v2)]) == 0
+    new = Predictor(v2)
+    assert new.metadata.dense and new.metadata.provenance["upgraded"]["from_format_version"] == 1
+    assert new.metadata.provenance["weights_sha256"] == old.metadata.provenance["weights_sha256"]
+    a, b = old.predict(tissue_tiles[:2]), new.predict(tissue_tiles[:2])
+    np.testing.assert_allclose(a.class_probs, b.class_probs, atol=1e-6)
+    np.testing.assert_allclose(a.fg_prob, b.fg_prob, atol=1e-6)
+    with pytest.raises(ExportError, match="already"):
+        main(["--upgrade", str(v2), str(tmp_path / "v3.onnx")])
 
 
 def test_metadata_round_trip(resnet_onnx: Path, resnet_cfg: ModelConfig, resnet_model: PixelCAM) -> None:

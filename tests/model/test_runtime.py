@@ -82,8 +82,9 @@ def _bad_json(proto: onnx.ModelProto) -> None:
     next(p for p in proto.metadata_props if p.key == "pixelcam").value = "{classes: [benign"
 
 
-META_CASES: list[tuple[str, Callable[[Doc], None], str]] = [
-    ("version", _set("format_version", 2), "unknown format_version 2"),
+META_CASES: list[tuple[str, Callable[[Doc], None], str]] = [  # on the dense (format_version 2) artefact
+    ("version", _set("format_version", 3), "unknown format_version 3"),
+    ("v1_on_dense_graph", _set("format_version", 1), r"uint8 \(B, 224, 224, 3\) RGB \(NHWC\) for format_version 1"),
     ("format", _set("format", "other"), "expected 'pixelcam-onnx'"),
     ("missing", _drop("encoder"), "'encoder' is missing"),
     ("missing_provenance", _drop("provenance", "weights_sha256"), "lacks \\['weights_sha256'\\]"),
@@ -98,11 +99,25 @@ META_CASES: list[tuple[str, Callable[[Doc], None], str]] = [
     ("mpp_type", _set("input_mpp", "1.0"), "'input_mpp' must be"),
     ("threshold_low", _set("fg_threshold", 0.0), "strictly between 0 and 1"),
     ("threshold_high", _set("fg_threshold", 1.5), "strictly between 0 and 1"),
-    ("size_vs_graph", _set("input_size", 256), r"uint8 \(B, 256, 256, 3\)"),
-    ("stride_vs_graph", _set("output_stride", 16), r"'fg_prob' must be float32 \(B, 1, 14, 14\)"),
+    ("stride_vs_graph", _set("output_stride", 16), r"'fg_prob' has shape \(1, 1, 28, 28\), not \(1, 1, 14, 14\)"),
     ("classes_vs_graph", _set("classes", [{"name": n, "color": [0, 0, 0]} for n in ("a", "malignant", "c")]),
      r"'class_probs' must be float32 \(B, 3\)"),
 ]
+V1_CASES: list[tuple[str, Callable[[Doc], None], str]] = [  # a version 1 graph fixes the tile size
+    ("size_vs_graph", _set("input_size", 256), r"uint8 \(B, 256, 256, 3\)"),
+    ("stride_vs_graph", _set("output_stride", 16), r"'fg_prob' must be float32 \(B, 1, 14, 14\)"),
+    ("dense_claim", _set("format_version", 2), r"uint8 \(B, H, W, 3\) RGB \(NHWC\) for format_version 2"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "message"), V1_CASES, ids=[c[0] for c in V1_CASES])
+def test_bad_metadata_of_a_v1_artefact_is_refused(
+    tmp_path: Path, resnet_onnx_v1: Path, case: str, edit: Callable[[Doc], None], message: str
+) -> None:
+    assert read_model_metadata(resnet_onnx_v1).format_version == 1
+    path = _rewrite(resnet_onnx_v1, tmp_path / f"{case}.onnx", meta=edit)
+    with pytest.raises(InvalidModelError, match=message):
+        read_model_metadata(path)
 
 
 @pytest.mark.parametrize(("case", "edit", "message"), META_CASES, ids=[c[0] for c in META_CASES])
@@ -121,7 +136,8 @@ GRAPH_CASES: list[tuple[str, Callable[[onnx.ModelProto], None], str]] = [
     ("no_metadata", _drop_metadata, "no 'pixelcam' entry"),
     ("bad_json", _bad_json, "not valid JSON"),
     ("input_name", lambda p: _rename_value(p, "tiles", "image"), "one input named 'tiles'"),
-    ("input_dtype", _input_float, r"must be uint8 \(B, 224, 224, 3\)"),
+    ("input_dtype", _input_float, r"must be uint8 \(B, H, W, 3\)"),
+    ("no_dense_output", lambda p: _rename_value(p, "class_logits", "cam"), "no output 'class_logits'"),
     ("no_fg_output", lambda p: _rename_value(p, "fg_prob", "mask"), "no output 'fg_prob'"),
     ("no_cls_output", lambda p: _rename_value(p, "class_probs", "logits"), "no output 'class_probs'"),
 ]

@@ -131,16 +131,28 @@ def test_geojson_is_a_qupath_feature_collection(cmu_run: tuple[AnalysisResult, l
             assert x0 < 2220 and y0 < 2967 and x1 - x0 == pytest.approx(side, abs=0.01)
 
 
+@pytest.mark.parametrize("mode", [
+    {"inference": "tiles", "chunk_size": 7},
+    {"inference": "dense", "region_tiles": 2, "chunk_size": 4},  # 9 regions of 2 x 2 tiles on CMU
+])
 def test_chunks_in_any_order_and_redone_give_the_same_result(
-    cmu_run: tuple[AnalysisResult, list], cmu_small_path: Path, random_predictor, tmp_path: Path
+    cmu_small_path: Path, random_predictor, tmp_path: Path, mode: dict
 ) -> None:
     job = tmp_path / "job"
-    plan = prepare_job(cmu_small_path, random_predictor.metadata, AnalysisOptions(chunk_size=7), job)
+    options = AnalysisOptions(**mode)
+    reference = analyze_slide(cmu_small_path, random_predictor, tmp_path / "reference", options)
+    plan = prepare_job(cmu_small_path, random_predictor.metadata, options, job)
     loaded = JobPlan.load(job)
     np.testing.assert_array_equal(loaded.l0_xy, plan.l0_xy)
     assert loaded.hm_downsample == plan.hm_downsample and loaded.options == plan.options
+    assert loaded.regions == plan.regions and (plan.regions is None) == (mode["inference"] == "tiles")
     chunks = plan.chunks()
     assert len(chunks) >= 3 and [t for r in chunks for t in r] == list(range(len(plan)))
+    if plan.region_plan is not None:  # a chunk is a run of whole regions: no region is split
+        regions = plan.region_plan.t_region
+        assert all(regions[c.start] != regions[c.start - 1] for c in chunks[1:])
+        with open_slide(cmu_small_path) as slide, pytest.raises(PipelineError, match="whole regions"):
+            run_chunk(slide, loaded, range(chunks[0].start, chunks[0].stop - 1), random_predictor)
     assert partial_heatmap(job) is None
     with open_slide(cmu_small_path) as slide:
         outs = {
@@ -158,7 +170,6 @@ def test_chunks_in_any_order_and_redone_give_the_same_result(
     back = load_chunk(job / "chunks" / "chunk-000000.npz")
     np.testing.assert_array_equal(back.tile_indices, list(chunks[0]))
     result = finalize_job(job, loaded, random_predictor.metadata, random_predictor.sha256)
-    reference, _ = cmu_run
     with tifffile.TiffFile(result.path("heatmap")) as a, tifffile.TiffFile(reference.path("heatmap")) as b:
         mine, theirs = a.pages[0].asarray(), b.pages[0].asarray()
     np.testing.assert_array_equal(mine == 0, theirs == 0)
@@ -167,7 +178,8 @@ def test_chunks_in_any_order_and_redone_give_the_same_result(
 
 
 def test_batches_are_full_except_the_last(cmu_small_path: Path, random_predictor, tmp_path: Path) -> None:
-    plan = prepare_job(cmu_small_path, random_predictor.metadata, AnalysisOptions(batch_size=6), tmp_path)
+    options = AnalysisOptions(batch_size=6, inference="tiles")
+    plan = prepare_job(cmu_small_path, random_predictor.metadata, options, tmp_path)
     sizes: list[int] = []
 
     class Recording:
@@ -220,7 +232,7 @@ def test_options_are_checked_and_round_trip() -> None:
 
 
 def test_one_process_batches_stay_full_across_chunk_edges(
-    cmu_run: tuple[AnalysisResult, list], cmu_small_path: Path, random_predictor, tmp_path: Path
+    cmu_small_path: Path, random_predictor, tmp_path: Path
 ) -> None:
     sizes: list[int] = []
 
@@ -232,12 +244,13 @@ def test_one_process_batches_stay_full_across_chunk_edges(
             sizes.append(tiles.shape[0])
             return random_predictor.predict(tiles)
 
-    options = AnalysisOptions(chunk_size=7, batch_size=5, write_detections=False)
-    result = analyze_slide(cmu_small_path, Recording(), tmp_path, options)
+    options = AnalysisOptions(chunk_size=7, batch_size=5, write_detections=False, inference="tiles")
+    result = analyze_slide(cmu_small_path, Recording(), tmp_path / "run", options)
     total = result.result["evidence"]["tiles_analysed"]
     assert total > 7 and sum(sizes) == total
     assert all(s == 5 for s in sizes[:-1])  # batches run across the 7-tile chunks
-    reference, _ = cmu_run
+    reference = analyze_slide(cmu_small_path, random_predictor, tmp_path / "reference",
+                              AnalysisOptions(inference="tiles"))
     with tifffile.TiffFile(result.path("heatmap")) as a, tifffile.TiffFile(reference.path("heatmap")) as b:
         mine, theirs = a.pages[0].asarray(), b.pages[0].asarray()
     np.testing.assert_array_equal(mine == 0, theirs == 0)

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.redis
 
 SLIDE = "CMU-1-Small-Region.svs"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "_artifacts"
+# small regions, so that a dense job on CMU-1-Small-Region lands in several chunks the page can follow
+LIVE_OPTIONS = '{"region_tiles": 2}'
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -180,7 +182,7 @@ def test_viewer_follows_a_running_job_live(server: str, settings: Settings, slid
     from playwright.sync_api import sync_playwright
 
     resp = httpx.post(f"{server}/v1/analyze", content=(slides_dir / SLIDE).read_bytes(),
-                      params={"filename": SLIDE}, headers={"Content-Type": "application/octet-stream"}, timeout=60)
+                      params={"filename": SLIDE, "options": LIVE_OPTIONS}, headers={"Content-Type": "application/octet-stream"}, timeout=60)
     assert resp.status_code == 202, resp.text
     slide_id, job_id = resp.json()["slide_id"], resp.json()["job_id"]
     ARTIFACTS.mkdir(exist_ok=True)

@@ -44,11 +44,14 @@ def _step(worker: Worker, kind: str) -> None:
 
 
 def test_overlay_fills_in_while_the_job_runs(client: TestClient, settings: Settings, slides_dir: Path) -> None:
-    resp = client.post("/v1/analyze", content=(slides_dir / SLIDE).read_bytes(), params={"filename": SLIDE},
+    # dense inference in small regions (2 x 2 tiles), so that the slide's 20 tiles land in several chunks
+    resp = client.post("/v1/analyze", content=(slides_dir / SLIDE).read_bytes(),
+                       params={"filename": SLIDE, "options": '{"region_tiles": 2}'},
                        headers={"Content-Type": "application/octet-stream"})
     assert resp.status_code == 202, resp.text
     job = resp.json()
     job_id = job["job_id"]
+    assert job["options"]["inference"] == "auto" and job["options"]["region_tiles"] == 2
     geo = DeepZoomGeometry(CMU_WH)
     z = 8  # 139 x 186 px: the whole slide in one tile
     assert geo.tile_grid_wh(z) == (1, 1)

@@ -64,7 +64,8 @@ def test_refused_model_exits_5(
 
 @pytest.mark.parametrize(
     "extra",
-    [["--overlap", "1.5"], ["--min-tissue", "-1"], ["--batch-size", "0"], ["--threads", "0"]],
+    [["--overlap", "1.5"], ["--min-tissue", "-1"], ["--batch-size", "0"], ["--threads", "0"],
+     ["--inference", "dense", "--overlap", "0.5"], ["--halo", "60"], ["--region-tiles", "0"]],
 )
 def test_bad_flags_exit_2(cmu_small_path: Path, random_model_path: Path, extra: list[str]) -> None:
     assert (
@@ -101,3 +102,14 @@ def test_module_entry_point_lists_every_subcommand() -> None:
     assert done.returncode == 0
     for command in ("analyze", "serve", "worker"):
         assert command in done.stdout
+
+
+def test_inference_mode_reaches_the_plan(cmu_small_path: Path, random_model_path: Path, tmp_path: Path) -> None:
+    for mode, dense in (("tiles", False), ("dense", True)):
+        out = tmp_path / mode
+        argv = ["analyze", str(cmu_small_path), "--model", str(random_model_path), "--out", str(out), "--quiet",
+                "--inference", mode, "--region-tiles", "2", "--halo", "32"]
+        assert main(argv) == analyze.EXIT_OK
+        params = json.loads((out / "result.json").read_text())["provenance"]["parameters"]
+        assert params["inference"] == mode and params["region_tiles"] == 2 and params["halo_px"] == 32
+        assert ("regions" in params) == dense
