@@ -45,14 +45,6 @@ def plan_reader(slide: Slide, plan: JobPlan) -> TileReader:
     )
 
 
-def _region_batch_size(plan: JobPlan) -> int:
-    """Regions per model call: about `batch_size` tiles' worth of pixels, at least one region."""
-    regions = plan.region_plan
-    assert regions is not None
-    per_region = (regions.region_input_size / plan.tiles.input_size) ** 2
-    return max(1, int(plan.options.batch_size // per_region))
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -90,12 +82,20 @@ def _tiles_of_regions(
 def _dense_batches(
     reader: TileReader, plan: JobPlan, predictor: TilePredictor, r_indices: Sequence[int]
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
-    """(tile indices, class_probs, fg, predict seconds) per model call over the given regions, in order."""
-    for idx, batch in reader.iter_batches(r_indices, _region_batch_size(plan)):
+    """(tile indices, class_probs, fg, predict seconds) per model call over the given regions, in order.
+
+    Regions differ in size, so the model runs on one region per call: its part of the square the reader read
+    (the reader keeps the next squares decoding meanwhile).
+    """
+    regions = plan.region_plan
+    assert regions is not None
+    for idx, batch in reader.iter_batches(r_indices, 1):
+        r = int(idx[0])
+        w, h = regions.crop_in_wh(r)
         t1 = time.perf_counter()
-        pred = predictor.predict_dense(batch)
+        pred = predictor.predict_dense(np.ascontiguousarray(batch[:, :h, :w]))
         dt = time.perf_counter() - t1
-        yield (*_tiles_of_regions(plan, np.asarray(idx, np.int64), pred), dt)
+        yield (*_tiles_of_regions(plan, np.asarray([r], np.int64), pred), dt)
 
 
 def _tile_outputs(

@@ -137,10 +137,10 @@ class AnalysisOptions:
         str, "dense: the model runs on regions of tiles with a context halo and their cores are written edge "
              "to edge (no seams; needs a format_version 2 model and overlap 0); tiles: every tile on its own; "
              "auto: dense when the model and overlap allow it", choices=("auto", "dense", "tiles")))
-    region_tiles: int = _option(6, OptionSpec(
-        int, "dense inference: tiles per region side (a region's core is region_tiles x the model window)",
-        ge=1, le=16))
-    halo_px: int = _option(128, OptionSpec(
+    region_tiles: int = _option(8, OptionSpec(
+        int, "dense inference: the most tiles along a region's side (regions are rectangles laid over the "
+             "tissue, each run with its halo as one model input)", ge=1, le=16))
+    halo_px: int = _option(96, OptionSpec(
         int, "dense inference: context margin around each region core, in model-input pixels (a multiple of "
              "the model's output stride); read, never written", ge=0, le=512))
 

@@ -260,17 +260,22 @@ def plan_tiles(info: SlideInfo, tissue: TissueMask, input_mpp: float, input_size
 
 @dataclass(frozen=True, eq=False)
 class RegionPlan:
-    """Blocks of `tiles_per_side` x `tiles_per_side` grid tiles read as one square with a `halo_in` margin.
+    """Rectangles of at most `tiles_per_side` x `tiles_per_side` grid tiles, each run as one model input with a
+    `halo_in` margin of context on every side.
 
-    `reads` is a TilePlan whose "tiles" are the regions' reading squares (core + halo on every side), so the
-    tile reader reads them as it reads tiles. A region's core covers its grid tiles edge to edge; the halo is
-    context only, never written. Planes: `t_` tile indices of the plan the regions were made from, `r_` region
-    indices, `in_` model-input pixels of a region (its core starts at `halo_in`).
+    Regions are laid over the tissue: the kept tiles of each band of `tiles_per_side` grid rows are cut into runs
+    of neighbouring columns (at most `tiles_per_side` wide), trimmed to the rows they use. A region's core covers
+    its grid tiles edge to edge; the halo is context only, never written. `reads` is a TilePlan whose "tiles"
+    are squares of the largest region size anchored at each region's halo corner, so the tile reader reads them as
+    it reads tiles; `crop_in_wh` is the part of each square the model runs on. Planes: `t_` tile indices of the
+    plan the regions were made from, `r_` region indices, `in_` model-input pixels of a region (its core starts
+    at `halo_in`).
     """
 
     reads: TilePlan
     tiles_per_side: int
     halo_in: int
+    r_tiles_wh: np.ndarray  # (M, 2) each region's core in grid tiles (columns, rows)
     t_order: np.ndarray  # (N,) the tile plan's indices in region-major order
     t_region: np.ndarray  # (N,) in that order: the region of each tile (non-decreasing)
     t_cell_xy: np.ndarray  # (N, 2) in that order: the tile's column and row inside its region's core
@@ -280,22 +285,51 @@ class RegionPlan:
 
     @property
     def region_input_size(self) -> int:
-        """Side of a region at the model's input scale: the core plus a halo on each side."""
+        """Side of the squares read, at the model's input scale: the largest core plus a halo on each side."""
         return int(self.reads.input_size)
+
+    def crop_in_wh(self, r: int) -> tuple[int, int]:
+        """Width and height (model-input px) of region `r`'s input: its core plus a halo on each side."""
+        s = self.reads.extra["regions"]["tile_input_size"]
+        w, h = (int(v) for v in self.r_tiles_wh[r])
+        return w * s + 2 * self.halo_in, h * s + 2 * self.halo_in
 
     def tile_ranges(self) -> list[range]:
         """For each region, its tiles' indices in region-major order (contiguous ranges)."""
         bounds = np.searchsorted(self.t_region, np.arange(len(self) + 1))
         return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
+    def input_pixels(self) -> int:
+        """Model-input pixels of every region together (what the model computes, halos included)."""
+        return int(sum(w * h for w, h in (self.crop_in_wh(r) for r in range(len(self)))))
+
+
+def _tissue_rectangles(gx: np.ndarray, gy: np.ndarray, r: int) -> list[tuple[int, int, int, int]]:
+    """(column, row, width, height) in grid tiles of rectangles covering every kept tile, in band order."""
+    out: list[tuple[int, int, int, int]] = []
+    for band in np.unique(gy // r):
+        in_band = gy // r == band
+        cols = np.unique(gx[in_band])
+        runs: list[tuple[int, int]] = []
+        start = prev = int(cols[0])
+        for c in (int(v) for v in cols[1:]):
+            if c != prev + 1 or c - start + 1 > r:  # a gap, or the run is as wide as a region may be
+                runs.append((start, prev))
+                start = c
+            prev = c
+        runs.append((start, prev))
+        for c0, c1 in runs:
+            rows = gy[in_band & (gx >= c0) & (gx <= c1)]
+            out.append((c0, int(rows.min()), c1 - c0 + 1, int(rows.max() - rows.min() + 1)))
+    return out
+
 
 def plan_regions(plan: TilePlan, tiles_per_side: int, halo_in: int) -> RegionPlan:
-    """Group the kept tiles of a no-overlap plan into regions of `tiles_per_side` squared grid tiles.
+    """Group the kept tiles of a no-overlap plan into tissue rectangles of at most `tiles_per_side`^2 tiles.
 
-    Only regions holding at least one kept tile are read; tiles of a region that were not kept (too little
-    tissue) are read as context but give no output. The reading square of a region starts `halo_in` input
-    pixels before its first grid tile's corner (on the same lattice as the tiles), so JPEG tiles keep their exact
-    DCT-scaled decoding.
+    Tiles inside a rectangle that were not kept (too little tissue) are computed as context but give no output.
+    The reading square of a region starts `halo_in` input pixels before its first grid tile's corner (on the same
+    lattice as the tiles), so JPEG tiles keep their exact DCT-scaled decoding.
     """
     if plan.overlap != 0.0:
         raise ValueError(f"regions need a no-overlap tile plan (tiles edge to edge), got overlap {plan.overlap}")
@@ -303,30 +337,37 @@ def plan_regions(plan: TilePlan, tiles_per_side: int, halo_in: int) -> RegionPla
         raise ValueError(f"tiles_per_side must be >= 1 and halo_in >= 0, got {tiles_per_side} and {halo_in}")
     r = tiles_per_side
     gx, gy = plan.t_grid_xy[:, 0], plan.t_grid_xy[:, 1]
-    n_rx = -(-plan.grid_size_wh[0] // r)
-    region_key = (gy // r) * n_rx + gx // r
-    order = np.lexsort((gx, gy, region_key))  # region-major, then row-major inside a region
-    keys, t_region = np.unique(region_key[order], return_inverse=True)
-    t_cell_xy = np.stack([gx[order] % r, gy[order] % r], axis=1).astype(np.int64)
-    lvl_per_in = plan.lvl_tile_size / plan.input_size
-    halo_lvl = int(round(halo_in * lvl_per_in))
+    rects = _tissue_rectangles(gx, gy, r) if len(plan) else []
+    region_of = np.full(len(plan), -1, np.int64)
+    for k, (c0, r0, w, h) in enumerate(rects):
+        inside = (gx >= c0) & (gx < c0 + w) & (gy >= r0) & (gy < r0 + h) & (gy // r == r0 // r)
+        region_of[inside] = k
+    order = np.lexsort((gx, gy, region_of))  # region-major, then row-major inside a region
+    t_region = region_of[order]
+    c0s = np.array([c for c, _, _, _ in rects], np.int64)
+    r0s = np.array([row for _, row, _, _ in rects], np.int64)
+    t_cell_xy = np.stack([gx[order] - c0s[t_region], gy[order] - r0s[t_region]], axis=1).astype(np.int64) \
+        if len(plan) else np.zeros((0, 2), np.int64)
+    halo_lvl = int(round(halo_in * plan.lvl_tile_size / plan.input_size))
     align = float(plan.extra.get("l0_align", plan.level_downsample))
     ox, oy = plan.l0_origin_xy
-    core_gx, core_gy = (keys % n_rx) * r, (keys // n_rx) * r
     # the region's first grid tile corner, computed exactly as plan_tiles computes tile corners
-    l0_x = np.round(np.round((ox + core_gx * plan.l0_stride) / align) * align)
-    l0_y = np.round(np.round((oy + core_gy * plan.l0_stride) / align) * align)
+    l0_x = np.round(np.round((ox + c0s * plan.l0_stride) / align) * align)
+    l0_y = np.round(np.round((oy + r0s * plan.l0_stride) / align) * align)
     halo_l0 = halo_lvl * plan.level_downsample
+    side = max([max(w, h) for _, _, w, h in rects], default=1)  # squares as large as the largest region
     reads = dataclasses.replace(
         plan,
-        l0_xy=np.stack([l0_x - halo_l0, l0_y - halo_l0], axis=1).round().astype(np.int64),
-        t_grid_xy=np.stack([keys % n_rx, keys // n_rx], axis=1).astype(np.int64),
-        tissue_fraction=np.ones(len(keys), np.float32),
-        l0_tile_size=float(r * plan.l0_stride + 2 * halo_l0),
-        l0_stride=float(r * plan.l0_stride),
-        lvl_tile_size=int(r * plan.lvl_tile_size + 2 * halo_lvl),
-        input_size=int(r * plan.input_size + 2 * halo_in),
-        grid_size_wh=(int(n_rx), int(-(-plan.grid_size_wh[1] // r))),
-        extra={**plan.extra, "regions": {"tiles_per_side": r, "halo_in": int(halo_in)}},
+        l0_xy=np.stack([l0_x - halo_l0, l0_y - halo_l0], axis=1).round().astype(np.int64).reshape(-1, 2),
+        t_grid_xy=np.stack([c0s, r0s], axis=1).reshape(-1, 2),
+        tissue_fraction=np.ones(len(rects), np.float32),
+        l0_tile_size=float(side * plan.l0_stride + 2 * halo_l0),
+        l0_stride=float(plan.l0_stride),
+        lvl_tile_size=int(side * plan.lvl_tile_size + 2 * halo_lvl),
+        input_size=int(side * plan.input_size + 2 * halo_in),
+        extra={**plan.extra, "regions": {"tiles_per_side": r, "halo_in": int(halo_in),
+                                         "tile_input_size": int(plan.input_size)}},
     )
-    return RegionPlan(reads, r, int(halo_in), order.astype(np.int64), t_region.astype(np.int64), t_cell_xy)
+    r_tiles_wh = np.array([(w, h) for _, _, w, h in rects], np.int64).reshape(-1, 2)
+    return RegionPlan(reads, r, int(halo_in), r_tiles_wh, order.astype(np.int64), t_region.astype(np.int64),
+                      t_cell_xy)

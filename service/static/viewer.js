@@ -172,9 +172,29 @@ function redraw() {
   drawScaleBar(scale);
 }
 
+// microns per level-0 pixel: the slide's own, else the override the job ran with (`mpp` in the request)
+function slideMpp() {
+  if (state.info && state.info.mpp_x) return { value: state.info.mpp_x, source: state.info.mpp_source };
+  if (state.job && state.job.mpp) return { value: state.job.mpp, source: "job's mpp override" };
+  return null;
+}
+
+function fillSlideTable() {
+  const info = state.info;
+  if (!info) return;
+  const mpp = slideMpp();
+  fillTable(document.getElementById("slide-info"), [
+    ["size", `${info.width} × ${info.height} px`],
+    ["µm/px", mpp ? `${mpp.value.toFixed(4)} (${mpp.source})` : "unknown (no scale bar)"],
+    ["objective", info.objective_power ? `${info.objective_power}×` : "–"],
+    ["vendor", info.vendor || "–"],
+    ["levels", `${info.slide_level_count} in the file (${info.level_count} Deep Zoom)`],
+  ]);
+}
+
 function drawScaleBar(scale) {
   const bar = document.getElementById("scalebar");
-  const mpp = state.info && state.info.mpp_x;
+  const mpp = slideMpp() && slideMpp().value;
   if (!mpp || !(scale > 0)) { bar.hidden = true; return; }
   const micronsPerScreenPx = mpp / scale;
   const target = 120 * micronsPerScreenPx; // aim for a bar of about 120 px
@@ -192,13 +212,7 @@ async function loadSlideInfo() {
     state.info = await fetchJSON(`/v1/slides/${slideId}/deepzoom`);
     const info = state.info;
     document.getElementById("title").textContent = `${info.name} · ${slideId.slice(0, 12)}`;
-    fillTable(document.getElementById("slide-info"), [
-      ["size", `${info.width} × ${info.height} px`],
-      ["µm/px", info.mpp_x ? `${info.mpp_x.toFixed(4)} (${info.mpp_source})` : "unknown (no scale bar)"],
-      ["objective", info.objective_power ? `${info.objective_power}×` : "–"],
-      ["vendor", info.vendor || "–"],
-      ["levels", info.level_count],
-    ]);
+    fillSlideTable();
     redraw();
   } catch (err) {
     state.errors.push(err.message);
@@ -206,7 +220,9 @@ async function loadSlideInfo() {
 }
 
 function showJob(job) {
+  const mppChanged = !state.job || state.job.mpp !== job.mpp;
   state.job = job;
+  if (mppChanged) { fillSlideTable(); redraw(); }
   document.getElementById("progress-bar").style.width = `${Math.round(100 * job.progress)}%`;
   const parts = [job.state];
   if (job.tiles_total !== null) parts.push(`${job.tiles_done} / ${job.tiles_total} tiles`);

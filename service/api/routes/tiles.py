@@ -273,7 +273,10 @@ def slide_deepzoom(slide_id: str, store: SlideStoreDep, state: TileStateDep) -> 
     return {
         "slide_id": slide_id, "dzi": f"/v1/slides/{slide_id}.dzi", "width": info.l0_size_wh[0],
         "height": info.l0_size_wh[1], "tile_size": TILE_SIZE, "overlap": OVERLAP, "format": "jpeg",
-        "level_count": geometry.level_count, "mpp_x": mpp_x, "mpp_y": mpp_y,
+        "level_count": geometry.level_count,  # Deep Zoom levels (what a DZI client counts)
+        "slide_level_count": info.level_count,  # the slide file's own pyramid levels
+        "slide_level_sizes_wh": [list(wh) for wh in info.level_sizes_wh],
+        "mpp_x": mpp_x, "mpp_y": mpp_y,
         "mpp_source": info.mpp_source if mpp_known else None,
         "pixels_per_meter": (1e6 / ((mpp_x + (mpp_y or mpp_x)) / 2)) if mpp_x else None,
         "objective_power": info.objective_power, "vendor": info.vendor, "name": info.name,

@@ -32,8 +32,17 @@ def test_regions_cover_their_tiles_edge_to_edge(cmu_tiles) -> None:
         core = regions.reads.l0_xy[r] + halo_l0
         for t in tile_range:
             expected = core + regions.t_cell_xy[t] * cmu_tiles.l0_stride
-            assert np.abs(tiles.l0_xy[t] - expected).max() <= 1.0  # tile corners snap to the read lattice
+            # tile corners snap to the read lattice (2 level-0 px here)
+            assert np.abs(tiles.l0_xy[t] - expected).max() <= cmu_tiles.extra["l0_align"]
     assert regions.region_input_size == 2 * 224 + 2 * 64
+    # rectangles over the tissue: at most 2 x 2 tiles, and each holds only grid cells its kept tiles span
+    wh = regions.r_tiles_wh
+    assert wh.min() >= 1 and wh.max() <= 2
+    for r, tile_range in enumerate(ranges):
+        cells = regions.t_cell_xy[tile_range.start:tile_range.stop]
+        assert cells[:, 0].min() == 0 and cells[:, 1].min() == 0
+        assert (cells.max(axis=0) + 1 == wh[r]).all(), "trimmed to the tiles it holds"
+        assert regions.crop_in_wh(r) == (wh[r][0] * 224 + 128, wh[r][1] * 224 + 128)
     assert regions.reads.lvl_tile_size == 2 * cmu_tiles.lvl_tile_size + 2 * 64 * 2  # CMU reads 448 l0 px per tile
     with pytest.raises(ValueError, match="no-overlap"):
         plan_regions(dataclasses.replace(cmu_tiles, overlap=0.5), 2, 64)
@@ -67,8 +76,9 @@ def test_a_tile_inside_a_region_is_its_window_of_the_region_output(
     with open_slide(cmu_small_path) as slide, plan_reader(slide, plan) as reader:
         region = reader.read([0])
         out = run_chunk(slide, plan, first, random_predictor, reader=reader)
-    assert region.shape == (1, 2 * 224 + 64, 2 * 224 + 64, 3)
-    pred = random_predictor.predict_dense(region)
+    assert region.shape == (1, 2 * 224 + 64, 2 * 224 + 64, 3)  # squares as large as the largest region
+    w, h = regions.crop_in_wh(0)
+    pred = random_predictor.predict_dense(np.ascontiguousarray(region[:, :h, :w]))
     for row, t in enumerate(first):
         cx, cy = regions.t_cell_xy[t]
         y0, x0 = 32 // 8 + cy * 28, 32 // 8 + cx * 28
@@ -81,7 +91,7 @@ def test_a_tile_inside_a_region_is_its_window_of_the_region_output(
 def test_auto_is_dense_for_a_dense_model_and_refusals_say_why(random_predictor) -> None:
     meta = random_predictor.metadata
     assert meta.dense
-    assert dense_layout(AnalysisOptions(), meta) == {"tiles_per_side": 6, "halo_in": 128}
+    assert dense_layout(AnalysisOptions(), meta) == {"tiles_per_side": 8, "halo_in": 96}
     assert dense_layout(AnalysisOptions(overlap=0.5), meta) is None  # overlap asks for tiles
     assert dense_layout(AnalysisOptions(inference="tiles"), meta) is None
     with pytest.raises(InvalidOptionsError, match="needs overlap 0"):
@@ -92,3 +102,13 @@ def test_auto_is_dense_for_a_dense_model_and_refusals_say_why(random_predictor) 
     assert dense_layout(AnalysisOptions(), v1) is None
     with pytest.raises(InvalidOptionsError, match="format_version 2"):
         dense_layout(AnalysisOptions(inference="dense"), v1)
+
+
+def test_tissue_rectangles_cost_less_than_a_fixed_grid(cmu_tiles) -> None:
+    """The regions follow the tissue: fewer model pixels than fixed 6 x 6 blocks would need on CMU."""
+    regions = plan_regions(cmu_tiles, tiles_per_side=6, halo_in=128)
+    grid = cmu_tiles.t_grid_xy
+    blocks = len({(int(x) // 6, int(y) // 6) for x, y in grid})
+    fixed_grid_pixels = blocks * (6 * 224 + 256) ** 2
+    assert regions.input_pixels() < fixed_grid_pixels
+    assert regions.input_pixels() >= len(cmu_tiles) * 224 ** 2  # every kept tile is computed

@@ -145,7 +145,8 @@ def test_slide_tile_etag_round_trip_and_errors(client: TestClient, slide_id: str
 def test_slide_deepzoom_info_has_mpp_for_the_scale_bar(client: TestClient, slide_id: str) -> None:
     info = client.get(f"/v1/slides/{slide_id}/deepzoom").json()
     assert (info["width"], info["height"]) == CMU_WH
-    assert info["level_count"] == 13 and info["dzi"] == f"/v1/slides/{slide_id}.dzi"
+    assert info["level_count"] == 13 and info["dzi"] == f"/v1/slides/{slide_id}.dzi"  # Deep Zoom levels
+    assert info["slide_level_count"] == 1 and info["slide_level_sizes_wh"] == [list(CMU_WH)]  # the file's own
     assert info["mpp_x"] == pytest.approx(0.499, abs=1e-3)
     assert info["pixels_per_meter"] == pytest.approx(1e6 / 0.499, rel=1e-3)
 

@@ -226,3 +226,34 @@ def test_viewer_follows_a_running_job_live(server: str, settings: Settings, slid
     part, full = _coverage(partial, slide_only, box), _coverage(final, slide_only, box)
     assert part > 0.005, f"the first chunk did not show ({part:.4f} of the view)"
     assert full > 2 * part, f"the overlay did not fill in ({part:.4f} -> {full:.4f})"
+
+
+def test_a_job_mpp_override_drives_the_scale_bar_and_levels_are_the_slides(
+    server: str, settings: Settings, slides_dir: Path
+) -> None:
+    """A slide without resolution metadata (kidney-48-5.tif) analysed with `mpp`: the viewer uses the job's mpp."""
+    need_browser()
+    from playwright.sync_api import sync_playwright
+
+    name = "kidney-48-5.tif"
+    resp = httpx.post(f"{server}/v1/analyze", content=(slides_dir / name).read_bytes(),
+                      params={"filename": name, "mpp": 2.0}, headers={"Content-Type": "application/octet-stream"},
+                      timeout=60)
+    assert resp.status_code == 202, resp.text
+    slide_id, job_id = resp.json()["slide_id"], resp.json()["job_id"]
+    info = httpx.get(f"{server}/v1/slides/{slide_id}/deepzoom").json()
+    assert info["mpp_x"] is None and info["slide_level_count"] == 1 and info["level_count"] > 1
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{server}/viewer/{slide_id}?job={job_id}")
+            page.wait_for_function("() => window.pixelcam && pixelcam.job && pixelcam.job.mpp === 2"
+                                   " && !document.getElementById('scalebar').hidden", timeout=60_000)
+            table = page.locator("#slide-info").inner_text()
+            label = page.locator("#scalebar .label").inner_text()
+        finally:
+            browser.close()
+    assert "2.0000 (job's mpp override)" in table and "unknown" not in table
+    assert "1 in the file" in table
+    assert "µm" in label or "mm" in label
