@@ -62,16 +62,21 @@ def measure_model_alone(predictor: Any, tiles: np.ndarray, n_tiles: int, batch: 
 
 
 def predecoded_regions(slide_path: Path, plan: Any, n: int) -> tuple[list[np.ndarray], list[int]]:
-    """Up to ``n`` of a dense plan's regions (evenly spread) read once through the pipeline's own reader, with
-    the number of planned tiles each one holds: the dense model-alone measurement's input."""
+    """Up to ``n`` of a dense plan's regions (evenly spread) read once through the pipeline's own reader and cut to
+    each region's rectangle as the pipeline cuts them, with the number of planned tiles each one holds: the dense
+    model-alone measurement's input."""
     from service.analysis.inference import plan_reader
     from service.slide.wsi import open_slide
 
     regions = plan.region_plan
     picks = np.unique(np.linspace(0, len(regions) - 1, num=min(n, len(regions))).astype(int))
     counts = [len(r) for r in regions.tile_ranges()]
+    out = []
     with open_slide(slide_path) as slide, plan_reader(slide, plan) as reader:
-        return [reader.read([int(i)]) for i in picks], [counts[int(i)] for i in picks]
+        for i in picks:
+            w, h = regions.crop_in_wh(int(i))
+            out.append(np.ascontiguousarray(reader.read([int(i)])[:, :h, :w]))
+    return out, [counts[int(i)] for i in picks]
 
 
 def measure_model_alone_dense(predictor: Any, regions: list[np.ndarray], counts: list[int],
@@ -113,7 +118,8 @@ def measure_pipeline_reading(slide_path: Path, plan: Any, noop: NoopPredictor) -
     from service.slide.wsi import open_slide
 
     with open_slide(slide_path) as slide:
-        run_chunk(slide, plan, range(min(32, len(plan))), noop)  # warm-up: imports, page cache of the head
+        # warm-up (imports, page cache of the head): the first chunk of about 32 tiles (whole regions if dense)
+        run_chunk(slide, plan, plan.chunks(32)[0] if len(plan) else range(0), noop)
     done = 0
     with (
         clocked() as clock,

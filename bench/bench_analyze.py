@@ -274,11 +274,12 @@ def _measure_efficiency(
     options = plan.options
     batch = int(options.batch_size)
     n_model = min(len(plan), args.model_tiles)
-    if plan.region_plan is not None:  # dense: the model alone on the plan's own regions
-        regions, counts = predecoded_regions(slide, plan, 8)
+    if plan.region_plan is not None:  # dense: the model alone on the plan's own regions (all, up to 64)
+        regions, counts = predecoded_regions(slide, plan, 64)
+        n_dense = sum(counts)  # one pass over them: the same work per tile as the analysis when all fit
 
         def model_alone() -> dict[str, Any]:
-            return measure_model_alone_dense(predictor, regions, counts, n_model)
+            return measure_model_alone_dense(predictor, regions, counts, n_dense)
     else:
         def model_alone() -> dict[str, Any]:
             return measure_model_alone(predictor, tiles, n_model, batch)
