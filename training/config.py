@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A training configuration value is invalid."""
 
 
+GLAS_MPP = 0.62005  # µm per pixel of the GlaS scans (20x)
+
+
 @dataclass
 class TrainConfig:
     """The resolved configuration of one run (written to `<run_dir>/config.yaml`)."""
@@ -31,7 +34,7 @@ class TrainConfig:
     # data
     dataset: str = "glas"  # "glas" or "folder" (root/{train,test}/<class>/*.png + root/masks/<class>/)
     data_dir: str = ""  # default: $PIXELCAM_DATA_DIR/glas for glas
-    source_mpp: float = 0.62005  # µm/px of the stored images (GlaS: 20x scans)
+    source_mpp: float = GLAS_MPP  # µm/px of the stored images
     max_images: int = 0  # > 0: keep only this many train-subset and test-subset images each (tests)
     valcl_frac: float = 0.2
     valpx_per_class: int = 3

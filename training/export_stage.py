@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from training.data import WHITE, GeomAug, Sample, apply_geom
 from training.evaluate import evaluate_split, to_input
 from training.metrics import THRESHOLDS
 from training.report import fmt, read_report, write_report
+from training.slide_eval import evaluate_as_slides
 from training.stages import RunContext, StageError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,28 @@ def _metrics(ctx: RunContext) -> dict[str, Any]:
     return out
 
 
+def _slide_path_scores(ctx: RunContext, predictor: Predictor) -> dict[str, Any]:
+    """The exported model on the test split as users meet it (`training.slide_eval`), also written into
+    evaluate/report.json beside the whole-image numbers."""
+    test = set(ctx.splits["test"])
+    records = [r for r in ctx.records if r.name in test]
+    with tempfile.TemporaryDirectory(prefix="pixelcam-slide-path-") as work:
+        result = evaluate_as_slides(predictor, records, Path(work), mpp=ctx.cfg.source_mpp, progress=False)
+    scores = {k: v for k, v in result.to_dict().items() if k != "images"}
+    scores["images"] = [{k: row[k] for k in ("name", "label", "predicted", "probability", "pxap") if k in row}
+                        for row in result.rows]
+    evaluate_dir = ctx.run_dir / "evaluate"
+    report = read_report(evaluate_dir)
+    if report:
+        report["slide_path"] = {k: v for k, v in scores.items() if k != "images"}
+        summary = (evaluate_dir / "summary.md").read_text() if (evaluate_dir / "summary.md").is_file() else ""
+        summary += (f"\n\nSlide path (the exported ONNX, test images written as slides at {ctx.cfg.source_mpp} µm/px "
+                    f"and analysed by analyze_slide with default options): accuracy {fmt(scores['accuracy'], 1)} %, "
+                    f"PxAP {fmt(scores['pxap'])} %.")
+        write_report(evaluate_dir, report, summary)
+    return scores
+
+
 def run_export(ctx: RunContext) -> dict[str, Any]:
     """Export pixelcam/best_localization.pt, run onnx checks and torch-vs-onnxruntime parity, copy if asked."""
     t0 = time.perf_counter()
@@ -99,6 +123,7 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     )
     if max(parity.values()) > PARITY_ATOL:
         raise StageError(f"ONNX parity failed on real tiles: {parity}; the export does not match training")
+    slide_path = _slide_path_scores(ctx, predictor)
     copied = None
     if cfg.copy_to:
         dest = Path(cfg.copy_to)
@@ -113,6 +138,7 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
         "metadata": predictor.metadata.to_dict(),
         "parity_max_abs_diff": parity,
         "parity_tiles": int(len(tiles)),
+        "slide_path": slide_path,
         "copied_to": copied,
         "wall_s": wall,
     }
@@ -120,7 +146,9 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
         f"# Stage export\n\n`{path}` ({path.stat().st_size / 1e6:.2f} MB), fg_threshold τ = {tau:.3f} (from valpx). "
         f"onnx.checker and the runtime's metadata check passed. Parity on {len(tiles)} real test tiles "
         f"(max |onnxruntime − torch|): " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
-        + f". Copied to: {copied or '-'}. Wall time {fmt(wall, 1)} s."
+        + f". Slide path (test images as slides through analyze_slide, default options): accuracy "
+        f"{fmt(slide_path.get('accuracy'), 1)} %, PxAP {fmt(slide_path.get('pxap'))} %. Copied to: {copied or '-'}. "
+        f"Wall time {fmt(wall, 1)} s."
     )
     write_report(out_dir, report, summary)
     return report

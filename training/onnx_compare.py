@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import INPUT_NAME, OUTPUT_NAMES, Predictor, read_model_metadata
-from training.config import TrainConfig
+from training.config import GLAS_MPP, TrainConfig
 from training.data import Sample, default_data_dir, load_glas, load_samples, make_splits
 from training.evaluate import SplitResult, pad_to_stride
 from training.export_stage import real_tiles
@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("other", type=Path, help="artefact to compare (e.g. its int8 version)")
     parser.add_argument("--data-dir", type=Path, default=None, help="GlaS folder (default: shared data/glas)")
     defaults = TrainConfig()
-    parser.add_argument("--source-mpp", type=float, default=0.62005, help="GlaS microns per pixel")
+    parser.add_argument("--source-mpp", type=float, default=GLAS_MPP, help="GlaS microns per pixel")
     parser.add_argument("--seed", type=int, default=0, help="split seed (the demo model's: 0)")
     parser.add_argument("--valcl-frac", type=float, default=defaults.valcl_frac)
     parser.add_argument("--valpx-per-class", type=int, default=defaults.valpx_per_class)

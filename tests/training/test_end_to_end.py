@@ -68,6 +68,17 @@ def test_export_is_valid_and_matches_torch(run_dir: Path) -> None:
     pred = Predictor(path).predict(np.full((2, 64, 64, 3), 255, np.uint8))
     assert pred.fg_prob.shape == (2, 8, 8)
     np.testing.assert_allclose(pred.class_probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert meta.dense  # a ResNet exports as format_version 2
+
+
+def test_the_exported_model_is_scored_through_the_slide_path(run_dir: Path) -> None:
+    evaluate = _report(run_dir, "evaluate")
+    slide_path = _report(run_dir, "export")["slide_path"]
+    assert slide_path["n"] == evaluate["n_test"] == len(slide_path["images"])
+    assert 0 <= slide_path["accuracy"] <= 100 and 0 <= slide_path["pxap"] <= 100
+    assert slide_path["options"]["inference"] == "auto"
+    assert evaluate["slide_path"]["pxap"] == slide_path["pxap"]  # beside the whole-image numbers
+    assert "Slide path" in (run_dir / "evaluate" / "summary.md").read_text()
 
 
 def test_broken_metadata_is_refused(run_dir: Path, tmp_path: Path) -> None:
