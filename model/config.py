@@ -31,7 +31,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ENCODER_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "vit_tiny")
+LITE_ENCODERS: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ENCODER_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "vit_tiny", *LITE_ENCODERS)
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 VIT_INPUT_SIZE = 224
 # Plausible physical scale of a model input pixel, in microns (a 40x scan is ~0.25, a 1.25x overview ~8).
@@ -40,6 +41,9 @@ MAX_INPUT_MPP = 100.0
 VIT_OUTPUT_STRIDE = 16
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# EfficientNet-Lite's checkpoints were trained on (x - 127) / 128 of 0..255 RGB: (x - 0.5) / 0.5 on [0, 1]
+LITE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 RGB = tuple[int, int, int]
 
@@ -117,6 +121,11 @@ class ModelConfig:
         if self.output_stride not in OUTPUT_STRIDES:
             raise ModelConfigError(
                 f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}"
+            )
+        if self.encoder_name in LITE_ENCODERS and float(self.encoder_width) != 1.0:
+            raise ModelConfigError(
+                f"{self.encoder_name} has its own widths (the variant sets them): encoder_width must be 1.0, "
+                f"got {self.encoder_width!r}; pick efficientnet_lite0/1/2 for a smaller or larger network"
             )
         if self.encoder_name == "vit_tiny":
             if self.output_stride != VIT_OUTPUT_STRIDE:

@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from model.config import VIT_INPUT_SIZE, ModelConfig
+from model.config import LITE_ENCODERS, VIT_INPUT_SIZE, ModelConfig
+from model.efficientnet import EfficientNetLiteEncoder
 from model.errors import InputSizeError, ModelConfigError, PretrainedWeightsError
 
 __all__ = [
@@ -247,13 +248,15 @@ class ViTEncoder(nn.Module):
         return patches.transpose(1, 2).reshape(-1, self.out_channels, self.grid, self.grid)
 
 
-Encoder = ResNetEncoder | ViTEncoder
+Encoder = ResNetEncoder | ViTEncoder | EfficientNetLiteEncoder
 
 
 def build_encoder(cfg: ModelConfig) -> Encoder:
     """The encoder named by `cfg`, freshly initialised."""
     if cfg.encoder_name == "vit_tiny":
         return ViTEncoder(width=cfg.encoder_width)
+    if cfg.encoder_name in LITE_ENCODERS:
+        return EfficientNetLiteEncoder(cfg.encoder_name, output_stride=cfg.output_stride)
     return ResNetEncoder(cfg.encoder_name, width=cfg.encoder_width, output_stride=cfg.output_stride)
 
 

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 # Parameter-name prefixes that train at lr x head_lr_ratio on ResNets (the paper's `lr_classifier_ratio` groups).
 _FAST_PREFIXES = ("encoder.layer4.", "cls_head.", "pixel_head.")
+# EfficientNet-Lite's counterpart of ResNet layer4: the last stage and the head convolution
+_LITE_FAST_PREFIXES = ("encoder.blocks.15.", "encoder.conv_head.", "encoder.bn1.", "cls_head.", "pixel_head.")
 
 
 class PixelCAMOutput(NamedTuple):
@@ -58,12 +60,14 @@ def build_model(cfg: ModelConfig) -> PixelCAM:
 
 
 def param_groups(model: PixelCAM, lr: float, head_lr_ratio: float = 10.0) -> list[dict[str, Any]]:
-    """Optimizer groups: ResNet layer4 + both heads at lr x ratio, the rest at lr; a ViT gets one group."""
+    """Optimizer groups: ResNet layer4 (EfficientNet-Lite: its last stage and head conv) + both heads at
+    lr x ratio, the rest at lr; a ViT gets one group."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if model.config.encoder_name == "vit_tiny":
         return [{"name": "all", "params": [p for _, p in named], "lr": lr}]
-    fast = [p for n, p in named if n.startswith(_FAST_PREFIXES)]
-    base = [p for n, p in named if not n.startswith(_FAST_PREFIXES)]
+    prefixes = _LITE_FAST_PREFIXES if model.config.encoder_name.startswith("efficientnet_lite") else _FAST_PREFIXES
+    fast = [p for n, p in named if n.startswith(prefixes)]
+    base = [p for n, p in named if not n.startswith(prefixes)]
     return [
         {"name": "base", "params": base, "lr": lr},
         {"name": "heads", "params": fast, "lr": lr * head_lr_ratio},

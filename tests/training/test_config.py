@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, resolve_config
+from training.config import ConfigError, TrainConfig, resolve_config
 
 
 def test_yaml_then_flags(tmp_path: Path) -> None:
@@ -37,3 +37,21 @@ def test_hash_ignores_bookkeeping() -> None:
     b = resolve_config(["--run-dir", "y", "--threads", "1"])
     c = resolve_config(["--lr", "0.123"])
     assert a.sha256() == b.sha256() != c.sha256()
+
+
+def test_pretrained_by_name_loads_the_installed_imagenet_weights() -> None:
+    import torch
+
+    from model.efficientnet import lite_checkpoint_path
+    from model.network import build_model
+    from training.stages import StageError, load_encoder_weights, model_config
+
+    cfg = TrainConfig(encoder_name="efficientnet_lite0", encoder_width=1.0, pretrained="efficientnet_lite0")
+    mcfg = model_config(cfg)
+    assert mcfg.mean == (0.5, 0.5, 0.5) and mcfg.std == (0.5, 0.5, 0.5)  # the checkpoints' normalisation
+    model = build_model(mcfg)
+    load_encoder_weights(model, cfg)
+    state = torch.load(lite_checkpoint_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
+    assert torch.equal(model.encoder.conv_head.weight, state["_conv_head.weight"])
+    with pytest.raises(StageError, match="set encoder_name: efficientnet_lite0"):
+        load_encoder_weights(build_model(model_config(TrainConfig())), TrainConfig(pretrained="efficientnet_lite0"))
