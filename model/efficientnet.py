@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from model.config import LITE_MEAN, LITE_STD
 from model.errors import ModelConfigError, PretrainedWeightsError
+from model.init import kaiming_init
 
 __all__ = [
     "LITE_MEAN",
@@ -133,15 +134,8 @@ class EfficientNetLiteEncoder(nn.Module):
         self.conv_head = nn.Conv2d(in_ch, HEAD, 1, bias=False)
         self.bn1 = _bn(HEAD)
         self.out_channels = HEAD
-        self._init_weights()
+        kaiming_init(self)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.bn0(self.conv_stem(x)))

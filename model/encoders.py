@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from model.config import LITE_ENCODERS, VIT_INPUT_SIZE, ModelConfig
 from model.efficientnet import EfficientNetLiteEncoder
 from model.errors import InputSizeError, ModelConfigError, PretrainedWeightsError
+from model.init import kaiming_init
 
 __all__ = [
     "Encoder",
@@ -116,7 +117,7 @@ class ResNetEncoder(nn.Module):
         self.layer3 = self._make_layer(block, _scaled(256, width), depths[2], 2, dilate[1])
         self.layer4 = self._make_layer(block, _scaled(512, width), depths[3], 2, dilate[2])
         self.out_channels = self._in_ch
-        self._init_weights()
+        kaiming_init(self)
 
     def _make_layer(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, depth: int, stride: int, dilate: bool
@@ -137,14 +138,6 @@ class ResNetEncoder(nn.Module):
         blocks += [block(out_ch, planes, 1, self._dilation, None) for _ in range(1, depth)]
         return nn.Sequential(*blocks)
 
-    def _init_weights(self) -> None:
-        """Kaiming-normal convs and unit BatchNorm (torchvision's default init)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) normalised RGB -> (B, out_channels, H/os, W/os)."""
