@@ -78,7 +78,8 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.info("models dir %s seeded with %s", settings.models_dir, ", ".join(seeded))
         app.state.settings = settings
         app.state.queue = queue
-        app.state.slides = SlideStore(settings.slides_dir)
+        app.state.slides = SlideStore(settings.slides_dir, settings.inspect_timeout_s,
+                                       settings.inspect_memory_mb << 20)
         app.state.models = registry
         app.state.metrics = QueueCollector(queue)
         logger.info("api ready (storage %s, redis prefix %s)", settings.storage_dir, settings.redis_prefix)

@@ -11,8 +11,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
+import resource
 import shutil
 import uuid
 from pathlib import Path
@@ -36,7 +38,7 @@ from service.slide.wsi import open_slide
 logger = logging.getLogger(__name__)
 
 __all__ = ["SlideStore", "SlideRecord", "Upload", "ModelRegistry", "ModelEntry", "safe_extension", "job_dir",
-           "is_sha256"]
+           "is_sha256", "inspect_isolated", "validate_here"]
 
 _EXT_RE = re.compile(r"^\.[a-z0-9]{1,10}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -151,34 +153,22 @@ class Upload:
 class SlideStore:
     """Slides on the shared storage, addressed by the SHA-256 of their bytes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, inspect_timeout_s: float = 60.0, inspect_memory_bytes: int = 4 << 30) -> None:
         self.root = Path(root)
+        self.inspect_timeout_s = inspect_timeout_s
+        self.inspect_memory_bytes = inspect_memory_bytes
 
     def begin_upload(self, filename: str | None, max_bytes: int) -> Upload:
         """Start receiving a slide."""
         return Upload(self, filename, max_bytes)
 
     def validate(self, path: Path) -> dict[str, Any]:
-        """Open the slide with the core reader and return its info; InvalidUpload with the reader's reason."""
-        missing_mpp: str | None = None
-        try:
-            try:
-                slide = open_slide(path)
-            except MissingMppError as err:
-                # Readable but without a physical scale: keep it, jobs must then give `mpp` explicitly.
-                logger.info("slide without mpp accepted (jobs need an mpp override): %s", err)
-                missing_mpp = str(err)
-                slide = open_slide(path, mpp_override=1.0)
-        except SlideError as err:
-            raise InvalidUpload(f"not a slide this service can read: {err}") from err
-        try:
-            info = _info_dict(slide.info)
-        finally:
-            slide.close()
-        _check_overview(info)
-        if missing_mpp is not None:
-            info.update(mpp_x=None, mpp_y=None, mpp_source=None, mpp_missing=missing_mpp)
-        return info
+        """Open the slide in a child process with a deadline and a memory limit; InvalidUpload with the reason.
+
+        Untrusted bytes never reach a reader inside the serving process: a file that makes a reader loop, recurse
+        or allocate without end costs one child, killed at the deadline, and the next upload is not affected.
+        """
+        return inspect_isolated(path, self.inspect_timeout_s, self.inspect_memory_bytes)
 
     def find(self, slide_id: str) -> SlideRecord | None:
         """The slide if it is stored, else None."""
@@ -198,6 +188,100 @@ class SlideStore:
             raise SlideNotFound(f"no slide {slide_id}; upload it with POST /v1/slides") from err
         return SlideRecord(slide_id=slide_id, path=folder / str(meta["file"]), filename=str(meta["filename"]),
                            size_bytes=int(meta["size_bytes"]), info=dict(meta["info"]))
+
+
+def validate_here(path: Path) -> dict[str, Any]:
+    """Open the slide with the core reader in this process and return its info (trusted files, or the child)."""
+    missing_mpp: str | None = None
+    try:
+        try:
+            slide = open_slide(path)
+        except MissingMppError as err:
+            # Readable but without a physical scale: keep it, jobs must then give `mpp` explicitly.
+            logger.info("slide without mpp accepted (jobs need an mpp override): %s", err)
+            missing_mpp = str(err)
+            slide = open_slide(path, mpp_override=1.0)
+    except SlideError as err:
+        raise InvalidUpload(f"not a slide this service can read: {err}") from err
+    try:
+        info = _info_dict(slide.info)
+    finally:
+        slide.close()
+    _check_overview(info)
+    if missing_mpp is not None:
+        info.update(mpp_x=None, mpp_y=None, mpp_source=None, mpp_missing=missing_mpp)
+    return info
+
+
+def _inspect_child(path: str, conn: Any, memory_bytes: int, cpu_s: int) -> None:
+    """Child side of inspect_isolated: limits first, then the reader; the answer goes back through the pipe."""
+    try:
+        if memory_bytes > 0:
+            _lower_limit(resource.RLIMIT_AS, memory_bytes)
+        _lower_limit(resource.RLIMIT_CPU, cpu_s)  # SIGXCPU at the soft limit, SIGKILL a second later
+        answer: tuple[str, Any] = ("ok", validate_here(Path(path)))
+    except InvalidUpload as err:
+        answer = ("refused", str(err))
+    except MemoryError:
+        answer = ("refused", "not a slide this service can read: reading it needs more memory than a slide's "
+                             "header ever should; the file is damaged or hostile")
+    except BaseException as err:  # noqa: BLE001 - any reader failure on untrusted bytes is a refusal, not a crash
+        answer = ("refused", f"not a slide this service can read: the reader failed on it ({type(err).__name__})")
+    try:
+        conn.send(answer)
+    finally:
+        conn.close()
+
+
+def _lower_limit(which: int, value: int) -> None:
+    """Set a resource limit to value, never above the hard limit this process already has."""
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value + 1 if hard == resource.RLIM_INFINITY else min(value + 1, hard)))
+
+
+_CTX: Any = None
+
+
+def _context() -> Any:
+    """forkserver: each inspection forks from a small, single-threaded server with the readers already imported."""
+    global _CTX
+    if _CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["service.jobs.storage"])
+        _CTX = ctx
+    return _CTX
+
+
+def inspect_isolated(path: Path, timeout_s: float, memory_bytes: int) -> dict[str, Any]:
+    """validate_here in a child process, killed after timeout_s; InvalidUpload for every way it can fail."""
+    ctx = _context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_inspect_child, args=(str(path), sender, memory_bytes, int(timeout_s) + 1),
+                        name="pixelcam-inspect", daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            raise InvalidUpload(
+                f"not a slide this service can read: inspecting the upload took longer than {timeout_s:g} s (a "
+                "readable slide's header takes well under a second); the file is damaged or hostile. An operator "
+                "can raise PIXELCAM_INSPECT_TIMEOUT_S"
+            )
+        try:
+            status, value = receiver.recv()
+        except (EOFError, OSError) as err:
+            raise InvalidUpload("not a slide this service can read: the reader crashed on it (the file is "
+                                "damaged or hostile)") from err
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+    if status != "ok":
+        raise InvalidUpload(str(value))
+    return dict(value)
 
 
 def _check_overview(info: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tifffile
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -57,6 +58,40 @@ def bomb_tiff(path: Path, size: int = 200_000, tile: int = 1024) -> Path:
     return path
 
 
+def looping_tiff(sizes: tuple[int, ...], loop_to: int, description: str | None = "scan") -> bytes:
+    """A small tiled TIFF whose last IFD's next-IFD offset points back at IFD `loop_to`: a cycle in the chain."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        for i, size in enumerate(sizes):
+            tw.write(np.zeros((size, size, 3), np.uint8), tile=(16, 16), photometric="rgb", compression="zlib",
+                     resolution=(40000, 40000), resolutionunit=3, metadata=None,
+                     description=description if i == 0 else None)
+    data = bytearray(buf.getvalue())
+    offsets, offset = [], struct.unpack_from("<I", data, 4)[0]
+    while offset:
+        offsets.append(offset)
+        offset = struct.unpack_from("<I", data, offset + 2 + 12 * struct.unpack_from("<H", data, offset)[0])[0]
+    last = offsets[-1]
+    struct.pack_into("<I", data, last + 2 + 12 * struct.unpack_from("<H", data, last)[0], offsets[loop_to])
+    return bytes(data)
+
+
+def subifd_loop_tiff() -> bytes:
+    """A tiled TIFF whose SubIFDs tag points at its own IFD (a reader that follows it recurses without end)."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        tw.write(np.zeros((64, 64, 3), np.uint8), tile=(16, 16), subifds=1, photometric="rgb",
+                 resolution=(40000, 40000), resolutionunit=3)
+        tw.write(np.zeros((32, 32, 3), np.uint8), tile=(16, 16), subfiletype=1, photometric="rgb")
+    data = bytearray(buf.getvalue())
+    ifd0 = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd0)[0]):
+        entry = ifd0 + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 330:  # SubIFDs
+            struct.pack_into("<I", data, entry + 8, ifd0)
+    return bytes(data)
+
+
 def photo(fmt: str) -> bytes:
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
@@ -78,6 +113,8 @@ CASES: list[tuple[str, str, Callable[[Path, Path], bytes], str]] = [
     ("non-conformant-dicom", "small_dicom.dcm",
      lambda s, t: (s / "dicom_pathml_small" / "small_dicom.dcm").read_bytes(), "non-conformant"),
     ("one-file-of-an-mrxs", "CMU-1.mrxs", lambda s, t: photo("JPEG"), "one upload cannot carry it"),
+    ("subifd-points-at-itself", "sub.tif", lambda s, t: subifd_loop_tiff(), "not a slide"),
+    ("ifd-loop-between-equal-levels", "loop.tif", lambda s, t: looping_tiff((64, 64), 0), "not a slide"),
     ("one-file-of-a-dicom-series", "boxes_1.dcm", lambda s, t: (s / "dicom_boxes" / "boxes_1.dcm").read_bytes(),
      "every instance of the series"),
 ]
@@ -229,3 +266,61 @@ def test_concurrent_uploads_of_the_same_bytes_store_one_slide(live_server: tuple
     assert len({r.json()["slide_id"] for r in answers}) == 1
     assert stored_files(settings) == sorted([answers[0].json()["slide_id"], f"{answers[0].json()['slide_id']}/info.json",
                                              f"{answers[0].json()['slide_id']}/slide.svs"])
+
+
+# IFD chains that loop: tifffile's series parsing spins on these (measured: >30 s of CPU, never returning)
+LOOPS = {"two-levels-back-to-0": ((64, 32), 0), "three-levels-back-to-1": ((64, 32, 16), 1),
+         "three-levels-back-to-0": ((64, 32, 16), 0)}
+
+
+@pytest.mark.parametrize("case", list(LOOPS))
+def test_a_looping_ifd_chain_is_refused_at_the_deadline(tmp_path: Path, case: str) -> None:
+    from service.errors import InvalidUpload
+    from service.jobs.storage import SlideStore
+
+    sizes, loop_to = LOOPS[case]
+    hostile = tmp_path / "loop.tif"
+    hostile.write_bytes(looping_tiff(sizes, loop_to))
+    t0 = time.monotonic()
+    with pytest.raises(InvalidUpload, match="took longer than 2 s"):
+        SlideStore(tmp_path / "store", inspect_timeout_s=2).validate(hostile)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_hanging_upload_wedges_no_one_and_leaves_nothing(tmp_path: Path, redis_url: str, shell_models_dir: Path,
+                                                           slides_dir: Path) -> None:
+    settings = make_settings(tmp_path, redis_url, shell_models_dir, inspect_timeout_s=20.0)
+    hostile = looping_tiff((64, 32), 0)
+    with live_app(settings) as port:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=60) as http:
+            answer: dict[str, httpx.Response] = {}
+
+            def send_hostile() -> None:
+                answer["hostile"] = http.post("/v1/slides", content=hostile, params={"filename": "loop.tif"})
+
+            import threading
+            attacker = threading.Thread(target=send_hostile)
+            t0 = time.monotonic()
+            attacker.start()
+            time.sleep(1.0)  # the hostile file is being inspected now
+            # a real slide, uploaded and analysed while the hostile upload is in flight
+            good = http.post("/v1/slides", content=(slides_dir / SLIDE).read_bytes(), params={"filename": SLIDE})
+            assert good.status_code == 201, good.text
+            job = http.post("/v1/jobs", json={"slide_id": good.json()["slide_id"]})
+            assert job.status_code == 202, job.text
+            Worker(settings).run(burst=True)
+            state = http.get(f"/v1/jobs/{job.json()['job_id']}").json()
+            assert state["state"] == "done", state
+            assert attacker.is_alive(), "the hostile upload should still be in flight while the good job ran"
+            assert http.get("/healthz").status_code == 200
+            attacker.join(60)
+            assert not attacker.is_alive()
+            refused = answer["hostile"]
+            assert refused.status_code == 415 and "took longer than 20 s" in refused.json()["detail"], refused.text
+            assert 19 < time.monotonic() - t0 < 40
+            # after it: uploads work, and nothing of the hostile upload is left
+            again = http.post("/v1/slides", content=(slides_dir / "small_16x16.svs").read_bytes(),
+                              params={"filename": "small.svs"})
+            assert again.status_code == 201
+    assert not [p for p in settings.slides_dir.iterdir() if p.name.startswith(".upload-")]
