@@ -316,9 +316,86 @@ def _read_model_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
+# Where TensorProto messages sit in an ONNX ModelProto: (message, field number) -> message of that field.
+_ONNX_FIELDS: dict[tuple[str, int], str] = {
+    ("model", 7): "graph", ("model", 25): "function", ("function", 7): "node",
+    ("graph", 1): "node", ("graph", 5): "tensor", ("graph", 15): "sparse",
+    ("node", 5): "attribute",
+    ("attribute", 5): "tensor", ("attribute", 6): "graph", ("attribute", 10): "tensor", ("attribute", 11): "graph",
+    ("attribute", 22): "sparse", ("attribute", 23): "sparse",
+    ("sparse", 1): "tensor", ("sparse", 2): "tensor",
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A protobuf varint at pos: (value, position after it)."""
+    value, shift = 0, 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _external_tensors(data: bytes, start: int, end: int, kind: str, depth: int = 0) -> int:
+    """How many tensors under this message keep their data outside the file (protobuf wire format, walked)."""
+    if depth > 64:
+        raise ValueError("messages nested too deep")
+    found, pos = 0, start
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos, end)
+            if kind == "tensor" and field == _TENSOR_DATA_LOCATION and value == 1:
+                found += 1
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(data, pos, end)
+            if pos + length > end:
+                raise ValueError("field runs past its message")
+            if kind == "tensor" and field == _TENSOR_EXTERNAL_DATA:
+                found += 1
+            child = _ONNX_FIELDS.get((kind, field))
+            if child is not None:
+                found += _external_tensors(data, pos, pos + length, child, depth + 1)
+            pos += length
+        else:
+            raise ValueError(f"wire type {wire} is not protobuf")
+    if pos != end:
+        raise ValueError("field runs past its message")
+    return found
+
+
+def refuse_external_data(data: bytes, source: str) -> None:
+    """InvalidModelError when any tensor of the model names external data: a model is one self-contained file.
+
+    Loaded from bytes, onnxruntime would resolve such a tensor against the server's working directory, so a
+    crafted model could make the server read any file it can reach.
+    """
+    try:
+        count = _external_tensors(data, 0, len(data), "model")
+    except ValueError as err:
+        raise InvalidModelError(f"{source} is not a loadable ONNX model ({err}); {_FIX}") from err
+    if count:
+        raise InvalidModelError(
+            f"{source} keeps {count} tensor(s) in external data files; a model must be one self-contained .onnx "
+            "file (export with `external_data=False`, or `onnx.save_model(m, path, save_as_external_data=False)`)"
+        )
+
+
 def _open_session(data: bytes, source: str, options: ort.SessionOptions,
                   providers: Sequence[Any]) -> ort.InferenceSession:
     """An InferenceSession on the model bytes; ORT failures become InvalidModelError."""
+    refuse_external_data(data, source)
     try:
         return ort.InferenceSession(data, sess_options=options, providers=list(providers))
     except _ORT_ERRORS as err:

@@ -232,3 +232,44 @@ def test_runtime_imports_neither_torch_nor_onnx() -> None:
     code = "import sys, model.runtime, model.config; print(sorted({'torch', 'onnx'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def _external(tensor: onnx.TensorProto, location: str, length: int) -> None:
+    """Point a tensor's data at an outside file, as onnx's external-data format does."""
+    tensor.ClearField("raw_data")
+    del tensor.float_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _external_initializer(proto: onnx.ModelProto) -> None:
+    init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    _external(init, "README.md", len(init.raw_data))
+
+
+def _external_constant(proto: onnx.ModelProto) -> None:
+    init = proto.graph.initializer[-1]
+    value = onnx.TensorProto()
+    value.CopyFrom(init)
+    _external(value, "../../etc/hostname", len(init.raw_data))
+    node = onnx.helper.make_node("Constant", [], [init.name + "_c"], value=value)
+    proto.graph.node.insert(0, node)
+
+
+@pytest.mark.parametrize("edit", [_external_initializer, _external_constant], ids=["initializer", "constant"])
+def test_external_data_is_refused_at_upload_and_at_load(tmp_path: Path, resnet_onnx: Path,
+                                                        edit: Callable[[onnx.ModelProto], None]) -> None:
+    # the named file exists in the working directory: loaded from bytes, onnxruntime would read it
+    (tmp_path / "README.md").write_bytes(os.urandom(1 << 22))
+    path = _rewrite(resnet_onnx, tmp_path / "external.onnx", graph=edit)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(InvalidModelError, match="external data"):
+            read_model_metadata(path)
+        with pytest.raises(InvalidModelError, match="external data"):
+            Predictor(path)
+    finally:
+        os.chdir(cwd)
