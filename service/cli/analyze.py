@@ -179,9 +179,11 @@ def _run_analysis(args: argparse.Namespace) -> Any:
         raise UsageError(f"no such slide: {args.slide}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    out = args.out or Path.cwd() / f"{_slide_name(args.slide)}.pixelcam"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it is created if missing) for the results")
     model_path = _model_path(args)
     predictor = Predictor(model_path, threads=args.threads)
-    out = args.out or Path.cwd() / f"{_slide_name(args.slide)}.pixelcam"
     bar = _Bar(enabled=not args.quiet)
     try:
         return analyze_slide(slide, predictor, out, options, progress=bar)

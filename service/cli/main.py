@@ -7,6 +7,7 @@ The subcommands import what they run (onnxruntime, OpenCV, FastAPI, the worker) 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,9 +18,18 @@ from service.cli.serve import add_serve_parser, add_worker_parser
 __all__ = ["build_parser", "main"]
 
 
+def _version() -> str:
+    """The installed distribution's version (the source tree's when it is not installed)."""
+    try:
+        return importlib.metadata.version("pixelcam")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `pixelcam` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="pixelcam", description="PixelCAM whole-slide inference")
+    parser.add_argument("-V", "--version", action="version", version=f"pixelcam {_version()}")
     parser.add_argument(
         "--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )

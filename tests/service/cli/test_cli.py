@@ -85,6 +85,23 @@ def test_usage_errors_exit_2(
     assert "--model" in caplog.text
 
 
+def test_out_pointing_at_a_file_exits_2_and_leaves_the_file(cmu_small_path: Path, random_model_path: Path,
+                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    code = main(["analyze", str(cmu_small_path), "--model", str(random_model_path), "--out", str(existing)])
+    assert code == analyze.EXIT_USAGE
+    assert "is a file" in caplog.text and existing.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_flag_prints_the_installed_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    assert main([flag]) == 0
+    assert capsys.readouterr().out.strip() == f"pixelcam {importlib.metadata.version('pixelcam')}"
+
+
 def test_default_model_lives_in_the_model_package() -> None:
     path = analyze.default_model_path()
     assert path.name == analyze.DEFAULT_MODEL_NAME and path.parent.name == "weights"
