@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import errors
 from service.api.metrics import QueueCollector
 from service.api.routes import health, jobs, models, results, slides, tiles, viewer
-from service.api.security import SecurityMiddleware, authorize
+from service.api.security import SecurityMiddleware, authorize, install_log_redaction
 from service.jobs.queue import JobQueue, connect
 from service.jobs.storage import ModelRegistry, SlideStore
 from service.settings import Settings
@@ -59,8 +60,19 @@ def status_of(err: errors.ServiceError) -> int:
     return next((code for cls, code in _STATUS if isinstance(err, cls)), 400)
 
 
+_LONG_WORD = re.compile(r"\S{161,}")
+_MAX_DETAIL = 2000
+
+
+def bounded_detail(text: str) -> str:
+    """An error detail fit to echo: a long value from the request is cut to its start, the whole to 2000 chars."""
+    text = _LONG_WORD.sub(lambda m: f"{m.group(0)[:80]}...[{len(m.group(0)) - 80} characters cut]", text)
+    return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + f"...[{len(text) - _MAX_DETAIL} characters cut]"
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API; Redis must be reachable at `settings.redis_url` when the app starts."""
+    install_log_redaction()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,7 +135,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             headers["Retry-After"] = str(max(1, int(err.retry_after_s + 0.999)))
         if isinstance(err, errors.Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=status_of(err),
+        return JSONResponse({"error": type(err).__name__, "detail": bounded_detail(str(err))},
+                            status_code=status_of(err),
                             headers=headers)
 
     @app.exception_handler(redis.RedisError)
@@ -150,10 +163,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         if err.status_code == 400 and "parsing the body" in detail:  # FastAPI's words for undecodable bytes
             name, detail = "InvalidBody", ("the request body could not be decoded; send a UTF-8 JSON object with "
                                            "Content-Type: application/json")
-        return JSONResponse({"error": name, "detail": detail}, status_code=err.status_code,
+        return JSONResponse({"error": name, "detail": bounded_detail(detail)}, status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in err.errors()]
-        return JSONResponse({"error": "ValidationError", "detail": "; ".join(parts)}, status_code=422)
+        return JSONResponse({"error": "ValidationError", "detail": bounded_detail("; ".join(parts))}, status_code=422)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,10 +33,41 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 __all__ = ["Principal", "SecurityMiddleware", "RateLimiter", "authorize", "principal_of", "key_id", "KEY_COOKIE",
-           "grant_slide", "owns_slide", "record_job", "owned_job_ids", "active_jobs"]
+           "grant_slide", "owns_slide", "record_job", "owned_job_ids", "active_jobs", "RedactSecrets", "redact",
+           "install_log_redaction"]
 
 KEY_COOKIE = "pixelcam_key"
 KEY_QUERY = "api_key"
+_SECRET_QUERY = re.compile(r"(?i)\b(api_key|apikey|access_token|token|key)=[^&\s\"']*")
+_SECRET_HEADER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+
+
+def redact(text: str) -> str:
+    """The text with the values of key-bearing query parameters and bearer tokens replaced by `[redacted]`."""
+    return _SECRET_HEADER.sub(r"\1 [redacted]", _SECRET_QUERY.sub(r"\1=[redacted]", text))
+
+
+class RedactSecrets(logging.Filter):
+    """A logging filter that redacts keys in a record's message and arguments (e.g. the access log's URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+def install_log_redaction() -> None:
+    """Put RedactSecrets on uvicorn's access and error loggers (once; they log the request line themselves)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in target.filters):
+            target.addFilter(RedactSecrets())
+
+
 _OPEN_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/", "/favicon.ico")
 _OPEN_PATHS = ("/",)
 

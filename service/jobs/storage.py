@@ -420,7 +420,9 @@ class ModelRegistry:
             read_model_metadata(src)
         except InvalidModelError as err:
             src.unlink(missing_ok=True)
-            raise InvalidUpload(f"model refused: {err}") from err
+            # the reader names the file it was given: a temporary path of the server, not for the client
+            reason = str(err).replace(str(src), "the uploaded model")
+            raise InvalidUpload(f"model refused: {reason}") from err
         dst = self.root / f"{Path(name).stem}.onnx"
         if dst.exists():
             src.unlink(missing_ok=True)

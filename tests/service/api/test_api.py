@@ -160,6 +160,8 @@ def test_model_upload_validates_against_the_contract(client: TestClient, setting
                                                      shell_model_path: Path) -> None:
     bad = client.post("/v1/models", params={"name": "junk"}, content=b"\x00" * 100)
     assert bad.status_code == 415 and "refused" in bad.json()["detail"]
+    assert "the uploaded model is not a loadable ONNX model" in bad.json()["detail"]
+    assert str(settings.storage_dir) not in bad.text and ".upload-" not in bad.text  # no server path in errors
     good = client.post("/v1/models", params={"name": "uploaded-1"}, content=shell_model_path.read_bytes())
     assert good.status_code == 201, good.text
     assert good.json()["valid"] and good.json()["name"] == "uploaded-1"
@@ -258,3 +260,12 @@ def test_options_and_mpp_are_checked_at_submit_against_the_one_schema(client: Te
     assert overlap["minimum"] == 0 and overlap["exclusiveMaximum"] == 1
     mpp = next(s for s in spec["JobCreate"]["properties"]["mpp"]["anyOf"] if s.get("type") == "number")
     assert (mpp["minimum"], mpp["maximum"]) == (0.05, 100.0)
+
+
+def test_long_values_are_not_echoed_whole_in_errors(client: TestClient) -> None:
+    huge = "x" * 1_000_000
+    for resp in (client.post("/v1/jobs", json={"slide_id": huge}), client.get(f"/v1/slides/{'a' * 6000}"),
+                 client.post("/v1/jobs", json={"slide_id": "a" * 64, "options": {huge[:5000]: 1}})):
+        assert 400 <= resp.status_code < 500, resp.text[:300]
+        assert len(resp.json()["detail"]) < 2100, (resp.status_code, len(resp.json()["detail"]))
+        assert "characters cut" in resp.json()["detail"] or len(resp.text) < 500

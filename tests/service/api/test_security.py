@@ -225,3 +225,35 @@ def test_rate_limiter_refills_and_forgets_the_least_recent_client_beyond_its_bou
     assert limiter.clients() == ["c", "a", "d"]
     assert limiter.take("a", now=0.6) > 0  # a client that is remembered keeps its empty bucket
     assert limiter.take("b", now=0.6) == 0.0  # a forgotten one starts with a full bucket again
+
+
+def test_keys_in_addresses_never_reach_the_access_log(keyed: Settings) -> None:
+    import httpx
+
+    from tests.service.shell import live_app
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    with live_app(keyed) as port:
+        access = logging.getLogger("uvicorn.access")
+        keep, level = Keep(), access.level
+        access.addHandler(keep)
+        access.setLevel(logging.INFO)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                assert http.get("/", params={"api_key": KEY_A}).status_code == 200
+                assert http.get("/v1/jobs", params={"x": "1", "api_key": KEY_B, "y": "2"}).status_code in (200, 401)
+                assert http.get("/v1/jobs", params={"access_token": KEY_B}).status_code in (200, 401)
+        finally:
+            access.removeHandler(keep)
+            access.setLevel(level)
+    assert len(keep.lines) >= 3, keep.lines
+    text = "\n".join(keep.lines)
+    assert KEY_A not in text and KEY_B not in text, text
+    assert "api_key=[redacted]" in text and "x=1" in text and "y=2" in text
