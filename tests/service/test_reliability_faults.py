@@ -221,3 +221,46 @@ def test_a_slide_gone_from_the_storage_fails_its_job_with_the_reason(client: Tes
     Worker(settings).run(burst=True)
     failed = state(client, job_id)
     assert failed["state"] == constants.STATE_FAILED and "does not exist" in failed["error"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
+
+
+def test_the_private_redis_dies_with_a_killed_parent_and_is_never_started_twice(tmp_path: Path) -> None:
+    data = tmp_path / "redis"
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom pathlib import Path\nfrom service.jobs.redis_server import PrivateRedis\n"
+         f"r = PrivateRedis(Path({str(data)!r}))\nr.start()\nprint(r.pid, r.url, flush=True)\ntime.sleep(600)\n"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        pid_text, url = owner.stdout.readline().split()
+        server_pid = int(pid_text)
+        assert redis.Redis.from_url(url).ping()
+        # while it runs, a second server on the same folder (and its append-only file) is refused
+        with pytest.raises(Exception, match="already running") as refused:
+            PrivateRedis(data).start()
+        assert str(server_pid) in str(refused.value)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server_pid), "the private Valkey outlived the SIGKILLed process that started it"
+    finally:
+        owner.kill()
+        owner.wait(10)
+    # the folder is free again: a restart gets its own server, on the data the first one left
+    again = PrivateRedis(data)
+    again.start()
+    try:
+        assert redis.Redis.from_url(again.url).ping()
+    finally:
+        again.stop()
