@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     rate_burst: int = Field(default=200, gt=0, description="requests a key may send at once before the rate applies")
     max_active_jobs_per_key: int = Field(default=0, ge=0, description="unfinished jobs per key; 0: no limit")
     upload_idle_timeout_s: float = Field(default=60.0, gt=0, description="an upload that sends nothing this long is dropped")
+    max_tiles_per_job: int = Field(default=500_000, ge=0,
+                                   description="a job planning more tiles fails with the reason; 0: no limit")
+    shutdown_grace_s: float = Field(default=10.0, gt=0, le=600,
+                                    description="on SIGTERM, open requests get this long before `pixelcam serve` "
+                                                "closes them and exits")
     inspect_timeout_s: float = Field(default=60.0, gt=0, le=3600,
                                      description="longest a child process may take to open an uploaded slide; "
                                                  "beyond it the upload is refused (415) and the child killed")

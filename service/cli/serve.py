@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -156,9 +157,16 @@ def serve(settings: Settings) -> int:
         logger.info("serving on http://%s:%d (redis %s)", settings.host, settings.port,
                     "embedded" if private else settings.redis_url)
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+        # graceful shutdown waits for open requests, but never longer than the grace period
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)))
     finally:
         pool.stop()
         if private is not None:
             private.stop()
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:  # a request thread that cannot be interrupted must not keep the process alive past the grace period
+        logger.warning("exiting with request threads still running after the grace period: %s", ", ".join(stuck))
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -34,8 +34,9 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
-def _start(tmp_path: Path, models_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(tmp_path: Path, models_dir: Path, port: int, **extra: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELCAM_")}
+    env.update(extra)
     env.update(PIXELCAM_STORAGE_DIR=str(tmp_path / "var"), PIXELCAM_MODELS_DIR=str(models_dir),
                PIXELCAM_PORT=str(port), PIXELCAM_WORKERS="1", PIXELCAM_CHUNK_SIZE="8", PIXELCAM_THREADS="1",
                PIXELCAM_BLOCK_MS="200")
@@ -95,3 +96,30 @@ def test_serve_runs_a_job_on_the_embedded_redis_and_stops_cleanly(tmp_path: Path
         assert httpx.get(f"{base}/v1/jobs/{job['job_id']}/result").status_code == 200
     finally:
         assert _stop(proc) == []
+
+
+def test_sigterm_stops_serve_within_the_grace_period_despite_a_stuck_upload(tmp_path: Path,
+                                                                            shell_models_dir: Path) -> None:
+    import socket
+
+    port = free_port()
+    proc = _start(tmp_path, shell_models_dir, port, PIXELCAM_SHUTDOWN_GRACE_S="2", PIXELCAM_WORKERS="0",
+                  PIXELCAM_UPLOAD_IDLE_TIMEOUT_S="300")
+    stuck = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        # an upload that announced 50 MB, sent 1 kB and then nothing: graceful shutdown would wait for it
+        stuck.sendall(b"POST /v1/slides?filename=s.svs HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/octet-stream\r\nContent-Length: 50000000\r\n\r\n" + b"\0" * 1024)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        stuck.close()
+        proc.kill()
+        proc.wait(10)
+    assert code == 0
+    assert took < 2 + 8, f"stopping took {took:.1f} s with a 2 s grace period"
+    leftovers = [p for p in (tmp_path / "var" / "slides").glob(".upload-*")] if (tmp_path / "var" / "slides").exists() else []
+    assert leftovers == [], "the abandoned upload left its partial file"
