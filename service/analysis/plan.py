@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 TILES_FILE = "plan_tiles.npz"
+# the cost a job may ask for: 0.9 overlap is 100x the tiles of none; beyond it the cost explodes (0.999: 10^6 x)
+MAX_OVERLAP = 0.9
 PLAN_VERSION = 1
 
 
@@ -111,7 +113,8 @@ class AnalysisOptions:
         ge=MPP_RANGE[0], le=MPP_RANGE[1], nullable=True))
     min_tissue: float = _option(0.1, OptionSpec(float, "keep tiles with at least this tissue fraction", ge=0, le=1))
     overlap: float = _option(0.0, OptionSpec(
-        float, "fraction of a tile shared with its neighbour (0.5 = half-tile steps)", ge=0, lt=1))
+        float, "fraction of a tile shared with its neighbour (0.5 = half-tile steps; at most 0.9, 100 times the "
+               "tiles of no overlap)", ge=0, le=MAX_OVERLAP))
     batch_size: int = _option(16, OptionSpec(int, "tiles per inference batch", ge=1, le=4096, worker=True))
     chunk_size: int = _option(256, OptionSpec(
         int, "tiles per chunk (queue message, progress step)", ge=1, le=1_000_000, worker=True))
@@ -321,11 +324,13 @@ def prepare_job(
     job_dir: str | os.PathLike[str],
     *,
     slide_sha256: str | None = None,
+    max_tiles: int | None = None,
 ) -> JobPlan:
     """Open the slide, detect tissue, plan tiles at the model's scale, and save the plan in `job_dir`.
 
     Pass `slide_sha256` when the caller already knows it (the service hashes uploads); otherwise the file is
-    hashed here when `options.hash_slide` is set.
+    hashed here when `options.hash_slide` is set. With `max_tiles`, a plan of more tiles is refused
+    (InvalidOptionsError) before anything is written for it but the tissue mask.
     """
     t0 = time.perf_counter()
     folder = Path(job_dir)
@@ -347,6 +352,12 @@ def prepare_job(
                 overlap=options.overlap,
             )
         sha = digest.result() if digest is not None else slide_sha256
+    if max_tiles is not None and len(tiles) > max_tiles:
+        raise InvalidOptionsError(
+            f"the job would analyse {len(tiles)} tiles, over this server's limit of {max_tiles} per job "
+            f"(PIXELCAM_MAX_TILES_PER_JOB); lower `overlap` (now {options.overlap:g}) or raise `min_tissue` "
+            f"(now {options.min_tissue:g})"
+        )
     regions = dense_layout(options, model_meta)
     if regions is not None:  # tiles in region-major order: a chunk is then a run of whole regions
         tiles = tiles.take(plan_regions(tiles, regions["tiles_per_side"], regions["halo_in"]).t_order)

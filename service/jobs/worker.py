@@ -301,7 +301,8 @@ class Worker:
         predictor = self.predictor(job)
         t0 = time.perf_counter()
         plan = prepare_job(self._slide_path(job), predictor.metadata,
-                           job_options(job, self.settings), self._job_dir(msg.job_id))
+                           job_options(job, self.settings), self._job_dir(msg.job_id),
+                           max_tiles=self.settings.max_tiles_per_job or None)
         ranges = plan.chunks(self.settings.chunk_size)
         self._check_live(msg)
         self.queue.enqueue_chunks(msg.job_id, msg.generation, ranges)

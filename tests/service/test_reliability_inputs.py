@@ -324,3 +324,22 @@ def test_a_hanging_upload_wedges_no_one_and_leaves_nothing(tmp_path: Path, redis
                               params={"filename": "small.svs"})
             assert again.status_code == 201
     assert not [p for p in settings.slides_dir.iterdir() if p.name.startswith(".upload-")]
+
+
+def test_a_job_over_the_tile_limit_fails_with_the_limit_and_the_next_job_runs(tmp_path: Path, redis_url: str,
+                                                                              shell_models_dir: Path,
+                                                                              slides_dir: Path) -> None:
+    settings = make_settings(tmp_path, redis_url, shell_models_dir, max_tiles_per_job=20)
+    with TestClient(create_app(settings)) as client:
+        slide_id = client.post("/v1/slides", content=(slides_dir / SLIDE).read_bytes(),
+                               params={"filename": SLIDE}).json()["slide_id"]
+        costly = client.post("/v1/jobs", json={"slide_id": slide_id, "options": {"overlap": 0.9}})
+        cheap = client.post("/v1/jobs", json={"slide_id": slide_id, "options": {"min_tissue": 0.5}})
+        assert costly.status_code == 202 and cheap.status_code == 202, (costly.text, cheap.text)
+        Worker(settings).run(burst=True)
+        failed = client.get(f"/v1/jobs/{costly.json()['job_id']}").json()
+        done = client.get(f"/v1/jobs/{cheap.json()['job_id']}").json()
+    assert failed["state"] == "failed" and "over this server's limit of 20" in failed["error"], failed
+    assert "PIXELCAM_MAX_TILES_PER_JOB" in failed["error"] and "overlap" in failed["error"]
+    assert done["state"] == "done" and 0 < done["tiles_total"] <= 20, done
+    assert not (settings.jobs_dir / costly.json()["job_id"] / "plan_tiles.npz").exists()

@@ -242,6 +242,8 @@ def test_options_and_mpp_are_checked_at_submit_against_the_one_schema(client: Te
         ({"options": {"simplify_hm": -5}}, "simplify_hm"),
         ({"options": {"min_region_cells": "abc"}}, "min_region_cells"),
         ({"options": {"blend": "max"}}, "blend"),
+        ({"options": {"overlap": 0.999}}, "overlap"),  # 10^6 times the tiles: once accepted, flooding the queue
+        ({"options": {"overlap": 0.95}}, "overlap"),
         ({"options": {"tile_size": 3}}, "tile_size"),  # unknown option names are refused, not dropped
     ]
     for extra, name in bad:
@@ -257,7 +259,7 @@ def test_options_and_mpp_are_checked_at_submit_against_the_one_schema(client: Te
     # OpenAPI shows the same ranges the core checks
     spec = client.get("/openapi.json").json()["components"]["schemas"]
     overlap = spec["AnalysisOptionsIn"]["properties"]["overlap"]
-    assert overlap["minimum"] == 0 and overlap["exclusiveMaximum"] == 1
+    assert overlap["minimum"] == 0 and overlap["maximum"] == 0.9
     mpp = next(s for s in spec["JobCreate"]["properties"]["mpp"]["anyOf"] if s.get("type") == "number")
     assert (mpp["minimum"], mpp["maximum"]) == (0.05, 100.0)
 
