@@ -40,6 +40,8 @@ def test_compose_services_share_storage_and_have_healthchecks(compose: dict[str,
     assert "ports" not in services["worker"] and "container_name" not in services["worker"]
     assert services["worker"]["command"][:2] == ["pixelcam", "worker"]
     assert services["api"]["command"][:2] == ["pixelcam", "serve"]
+    # published on loopback unless the operator says otherwise (an open API must not face the network by default)
+    assert services["api"]["ports"] == ["${PIXELCAM_PUBLISH_ADDR:-127.0.0.1}:8000:8000"]
     assert "readyz" in " ".join(services["api"]["healthcheck"]["test"])
     assert services["worker-gpu"]["profiles"] == ["gpu"]
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
