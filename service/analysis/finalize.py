@@ -211,6 +211,7 @@ def _features(
             positive_index=meta.positive_index,
             l0_offset_xy=plan.l0_offset_xy,
             seed=seed,
+            l0_size_wh=tuple(plan.slide_info["l0_size_wh"]),
         )
 
 

@@ -486,8 +486,12 @@ def tile_features(
     positive_index: int,
     l0_offset_xy: tuple[float, float] = (0.0, 0.0),
     seed: str | None = None,
+    l0_size_wh: tuple[float, float] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """QuPath tile objects (one square per analysed tile) carrying probabilities for measurement maps.
+
+    With `l0_size_wh`, a tile that runs past the slide's right or bottom edge is cut at it (the model saw
+    padding there, not slide).
 
     A generator: `write_geojson` streams them to disk, so a slide with many tiles never holds them all.
     """
@@ -506,6 +510,7 @@ def tile_features(
         positive_index,
         l0_offset_xy,
         seed,
+        l0_size_wh,
     )
 
 
@@ -519,11 +524,14 @@ def _tile_features(
     positive_index: int,
     l0_offset_xy: tuple[float, float],
     seed: str | None,
+    l0_size_wh: tuple[float, float] | None,
 ) -> Iterator[dict[str, Any]]:
+    right, bottom = l0_size_wh if l0_size_wh is not None else (np.inf, np.inf)
     for i, ((x, y), probs, fg) in enumerate(zip(l0_xy.tolist(), class_probs, fg_mean, strict=True)):
-        x0, y0 = x - l0_offset_xy[0], y - l0_offset_xy[1]
+        x0, y0 = max(x, 0.0) - l0_offset_xy[0], max(y, 0.0) - l0_offset_xy[1]
+        x1, y1 = min(x + side, right) - l0_offset_xy[0], min(y + side, bottom) - l0_offset_xy[1]
         top = int(np.argmax(probs))
-        ring = [[x0, y0], [x0, y0 + side], [x0 + side, y0 + side], [x0 + side, y0], [x0, y0]]
+        ring = [[x0, y0], [x0, y1], [x1, y1], [x1, y0], [x0, y0]]
         yield (
             {
                 "type": "Feature",

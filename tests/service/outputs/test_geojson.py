@@ -242,3 +242,15 @@ def test_regions_converted_together_match_each_converted_alone() -> None:
             assert together[i]["geometry"] == alone[0]["geometry"]
             assert together[i]["properties"]["measurements"] == alone[0]["properties"]["measurements"]
             assert shape(alone[0]["geometry"]).is_valid
+
+
+def test_tile_objects_past_the_slide_edge_are_cut_at_it() -> None:
+    # a 2220 x 2967 px slide (CMU-1-Small-Region) whose last column and row of tiles run past its edges
+    l0_xy = np.array([[1800, 0], [0, 2600], [1800, 2600], [0, 0]])
+    features = list(tile_features(l0_xy, 448.0, np.full((4, 2), 0.5, np.float32), np.zeros(4),
+                                  class_names=["a", "b"], class_colors=[[0, 0, 0]] * 2, positive_index=1,
+                                  l0_size_wh=(2220, 2967)))
+    bounds = [shape(f["geometry"]).bounds for f in features]
+    assert bounds == [(1800.0, 0.0, 2220.0, 448.0), (0.0, 2600.0, 448.0, 2967.0),
+                      (1800.0, 2600.0, 2220.0, 2967.0), (0.0, 0.0, 448.0, 448.0)]
+    assert all(shape(f["geometry"]).is_valid for f in features)
