@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from service import constants
-from service.jobs.redis_server import PrivateRedis
+from service.jobs.redis_server import PrivateRedis, dies_with_parent
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class _WorkerPool:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "service.jobs.worker"], env=self.env,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=dies_with_parent(signal.SIGTERM))
 
     def _watch(self) -> None:
         while not self._stop.wait(2.0):
@@ -113,14 +113,6 @@ class _WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In a child before exec (Linux): get SIGTERM when `pixelcam serve` dies, even by SIGKILL."""
-    import ctypes  # in the forked child only, just before exec
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -25,7 +25,7 @@ from service.errors import QueueUnavailable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrivateRedis", "free_port", "LOCK_FILE"]
+__all__ = ["PrivateRedis", "free_port", "LOCK_FILE", "dies_with_parent"]
 
 LOCK_FILE = "pixelcam-redis.lock"
 _PR_SET_PDEATHSIG = 1
@@ -40,12 +40,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with(parent_pid: int) -> Any:
-    """A preexec function: the child asks for SIGKILL when its parent goes, and exits if it has gone already."""
+def dies_with_parent(sig: int) -> Any:
+    """A `preexec_fn` for Popen (Linux): the child gets `sig` when this process dies, even by SIGKILL, and exits
+    at once if this process is already gone. Elsewhere None (no such guarantee)."""
+    if _PRCTL is None:
+        return None
+    parent_pid = os.getpid()
 
     def preexec() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        _PRCTL(_PR_SET_PDEATHSIG, int(sig))
         if os.getppid() != parent_pid:  # the parent died between fork and prctl
             os._exit(1)
 
@@ -88,7 +91,7 @@ class PrivateRedis:
             with (self.data_dir / "valkey.log").open("ab") as log:
                 self._process = subprocess.Popen(  # noqa: S603 - the packaged binary and our own config
                     [str(get_binary_path()), str(conf)], stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
-                    pass_fds=(self._lock_fd,), preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509
+                    pass_fds=(self._lock_fd,), preexec_fn=dies_with_parent(signal.SIGKILL),  # noqa: PLW1509
                 )
             self._wait_ready(timeout_s)
         except BaseException:
@@ -124,16 +127,12 @@ class PrivateRedis:
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host=self.host, port=int(self.port or 0), socket_timeout=1.0)
         try:
-            while True:
-                if self._process is not None and self._process.poll() is not None:
-                    break
+            while time.monotonic() < deadline and self._process is not None and self._process.poll() is None:
                 try:
                     if client.ping():
                         return
                 except redis.RedisError:
                     pass
-                if time.monotonic() > deadline:
-                    break
                 time.sleep(0.05)
         finally:
             client.close()

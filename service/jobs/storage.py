@@ -8,6 +8,7 @@ of its bytes and only a whitelisted extension survives from the uploaded file na
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -218,7 +219,7 @@ def _inspect_child(path: str, conn: Any, memory_bytes: int, cpu_s: int) -> None:
     try:
         if memory_bytes > 0:
             _lower_limit(resource.RLIMIT_AS, memory_bytes)
-        _lower_limit(resource.RLIMIT_CPU, cpu_s)  # SIGXCPU at the soft limit, SIGKILL a second later
+        _lower_limit(resource.RLIMIT_CPU, cpu_s)  # SIGXCPU (which kills) past the deadline's CPU seconds
         answer: tuple[str, Any] = ("ok", validate_here(Path(path)))
     except InvalidUpload as err:
         answer = ("refused", str(err))
@@ -234,24 +235,17 @@ def _inspect_child(path: str, conn: Any, memory_bytes: int, cpu_s: int) -> None:
 
 
 def _lower_limit(which: int, value: int) -> None:
-    """Set a resource limit to value, never above the hard limit this process already has."""
+    """Lower a resource's soft limit to value (never above the hard limit this process already has)."""
     _soft, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(which, (value, value + 1 if hard == resource.RLIM_INFINITY else min(value + 1, hard)))
+    resource.setrlimit(which, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
 
 
-_CTX: Any = None
-
-
+@functools.cache
 def _context() -> Any:
     """forkserver: each inspection forks from a small, single-threaded server with the readers already imported."""
-    global _CTX
-    if _CTX is None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["service.jobs.storage"])
-        _CTX = ctx
-    return _CTX
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["service.jobs.storage"])
+    return ctx
 
 
 def inspect_isolated(path: Path, timeout_s: float, memory_bytes: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -19,6 +20,16 @@ from service.settings import Settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = ["REPO_ROOT", "live_app", "make_settings"]
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (reaped or not, a zombie has stopped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
 def make_settings(tmp_path: Path, redis_url: str, models_dir: Path | None = None, **overrides: object) -> Settings:

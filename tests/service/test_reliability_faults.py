@@ -23,10 +23,11 @@ from fastapi.testclient import TestClient
 
 from service import constants
 from service.api import create_app
+from service.errors import QueueUnavailable
 from service.jobs.redis_server import PrivateRedis
 from service.jobs.worker import Worker
 from service.settings import Settings
-from tests.service.shell import REPO_ROOT, make_settings
+from tests.service.shell import REPO_ROOT, make_settings, process_alive
 
 pytestmark = pytest.mark.redis
 
@@ -223,15 +224,6 @@ def test_a_slide_gone_from_the_storage_fails_its_job_with_the_reason(client: Tes
     assert failed["state"] == constants.STATE_FAILED and "does not exist" in failed["error"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
-
-
 def test_the_private_redis_dies_with_a_killed_parent_and_is_never_started_twice(tmp_path: Path) -> None:
     data = tmp_path / "redis"
     owner = subprocess.Popen(
@@ -245,15 +237,15 @@ def test_the_private_redis_dies_with_a_killed_parent_and_is_never_started_twice(
         server_pid = int(pid_text)
         assert redis.Redis.from_url(url).ping()
         # while it runs, a second server on the same folder (and its append-only file) is refused
-        with pytest.raises(Exception, match="already running") as refused:
+        with pytest.raises(QueueUnavailable, match="already running") as refused:
             PrivateRedis(data).start()
         assert str(server_pid) in str(refused.value)
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(server_pid) and time.monotonic() < deadline:
+        while process_alive(server_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(server_pid), "the private Valkey outlived the SIGKILLed process that started it"
+        assert not process_alive(server_pid), "the private Valkey outlived the SIGKILLed process that started it"
     finally:
         owner.kill()
         owner.wait(10)

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from PIL import Image
 
 from service import constants
 from service.api import create_app
+from service.errors import InvalidUpload
+from service.jobs.storage import SlideStore
 from service.jobs.worker import Worker
 from service.settings import Settings
 from tests.service.shell import REPO_ROOT, live_app, make_settings
@@ -58,14 +61,17 @@ def bomb_tiff(path: Path, size: int = 200_000, tile: int = 1024) -> Path:
     return path
 
 
-def looping_tiff(sizes: tuple[int, ...], loop_to: int, description: str | None = "scan") -> bytes:
-    """A small tiled TIFF whose last IFD's next-IFD offset points back at IFD `loop_to`: a cycle in the chain."""
+def looping_tiff(sizes: tuple[int, ...], loop_to: int) -> bytes:
+    """A small tiled TIFF whose last IFD's next-IFD offset points back at IFD `loop_to`: a cycle in the chain.
+
+    IFD 0 carries an ImageDescription: without one tifffile stops at the loop, with one its series parsing spins.
+    """
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as tw:
         for i, size in enumerate(sizes):
             tw.write(np.zeros((size, size, 3), np.uint8), tile=(16, 16), photometric="rgb", compression="zlib",
                      resolution=(40000, 40000), resolutionunit=3, metadata=None,
-                     description=description if i == 0 else None)
+                     description="scan" if i == 0 else None)
     data = bytearray(buf.getvalue())
     offsets, offset = [], struct.unpack_from("<I", data, 4)[0]
     while offset:
@@ -275,9 +281,6 @@ LOOPS = {"two-levels-back-to-0": ((64, 32), 0), "three-levels-back-to-1": ((64, 
 
 @pytest.mark.parametrize("case", list(LOOPS))
 def test_a_looping_ifd_chain_is_refused_at_the_deadline(tmp_path: Path, case: str) -> None:
-    from service.errors import InvalidUpload
-    from service.jobs.storage import SlideStore
-
     sizes, loop_to = LOOPS[case]
     hostile = tmp_path / "loop.tif"
     hostile.write_bytes(looping_tiff(sizes, loop_to))
@@ -299,7 +302,6 @@ def test_a_hanging_upload_wedges_no_one_and_leaves_nothing(tmp_path: Path, redis
             def send_hostile() -> None:
                 answer["hostile"] = http.post("/v1/slides", content=hostile, params={"filename": "loop.tif"})
 
-            import threading
             attacker = threading.Thread(target=send_hostile)
             t0 = time.monotonic()
             attacker.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from service.jobs.redis_server import free_port
-from tests.service.shell import REPO_ROOT
+from tests.service.shell import REPO_ROOT, process_alive
 
 pytestmark = pytest.mark.redis
 
@@ -23,15 +24,6 @@ SLIDE = "CMU-1-Small-Region.svs"
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
 def _start(tmp_path: Path, models_dir: Path, port: int, **extra: str) -> subprocess.Popen[bytes]:
@@ -61,9 +53,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> list[int]:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return [pid for pid in children if _alive(pid)]
+    return [pid for pid in children if process_alive(pid)]
 
 
 def test_serve_runs_a_job_on_the_embedded_redis_and_stops_cleanly(tmp_path: Path, shell_models_dir: Path,
@@ -100,8 +92,6 @@ def test_serve_runs_a_job_on_the_embedded_redis_and_stops_cleanly(tmp_path: Path
 
 def test_sigterm_stops_serve_within_the_grace_period_despite_a_stuck_upload(tmp_path: Path,
                                                                             shell_models_dir: Path) -> None:
-    import socket
-
     port = free_port()
     proc = _start(tmp_path, shell_models_dir, port, PIXELCAM_SHUTDOWN_GRACE_S="2", PIXELCAM_WORKERS="0",
                   PIXELCAM_UPLOAD_IDLE_TIMEOUT_S="300")
@@ -121,5 +111,4 @@ def test_sigterm_stops_serve_within_the_grace_period_despite_a_stuck_upload(tmp_
         proc.wait(10)
     assert code == 0
     assert took < 2 + 8, f"stopping took {took:.1f} s with a 2 s grace period"
-    leftovers = [p for p in (tmp_path / "var" / "slides").glob(".upload-*")] if (tmp_path / "var" / "slides").exists() else []
-    assert leftovers == [], "the abandoned upload left its partial file"
+    assert list((tmp_path / "var" / "slides").glob(".upload-*")) == [], "the abandoned upload left its partial file"
