@@ -11,7 +11,8 @@ dense inference when the model allows, stitching). Scored against the labels and
   whole-image evaluation's `PixelCounts`. Pixels the analysis left out (no tissue tile there) score 0: the
   service said nothing there, which is what a user sees; the share of gland pixels left out is reported.
 
-    python -m training.slide_eval MODEL.onnx [--split test] [--out DIR] [--limit N] [--data-dir DIR]
+    python -m training.slide_eval MODEL.onnx [--split test|train|valcl|valpx --splits RUN/splits.json]
+        [--out DIR] [--limit N] [--data-dir DIR]
 
 Planes: `l0_` level-0 slide pixels = image pixels at the source resolution, `hm_` heatmap cells.
 """
@@ -124,15 +125,24 @@ def evaluate_as_slides(
     )
 
 
-def _records(data_dir: Path, split: str, limit: int | None) -> list[Record]:
-    records = [r for r in load_glas(data_dir / "glas") if (r.subset == "test") == (split == "test")]
+def _records(data_dir: Path, split: str, limit: int | None, splits_path: Path | None = None) -> list[Record]:
+    records = load_glas(data_dir / "glas")
+    if split in ("valcl", "valpx"):
+        if splits_path is None:
+            raise SystemExit(f"--split {split} needs --splits RUN_DIR/splits.json (the run's own split)")
+        names = set(json.loads(splits_path.read_text())[split])
+        records = [r for r in records if r.name in names]
+    else:
+        records = [r for r in records if (r.subset == "test") == (split == "test")]
     return records[:limit] if limit else records
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.slide_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="a pixelcam .onnx model")
-    ap.add_argument("--split", choices=["test", "train"], default="test", help="GlaS testA/testB (default) or train")
+    ap.add_argument("--split", choices=["test", "train", "valcl", "valpx"], default="test",
+                    help="GlaS testA/testB (default), train, or a run's valcl/valpx (with --splits)")
+    ap.add_argument("--splits", type=Path, default=None, help="a run's splits.json, for --split valcl/valpx")
     ap.add_argument("--data-dir", type=Path, default=None, help="the folder holding glas/ (PIXELCAM_DATA_DIR)")
     ap.add_argument("--out", type=Path, default=None, help="folder for report.json (and the slides with --keep)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     predictor = Predictor(args.model, threads=args.threads)
-    records = _records(args.data_dir or default_data_dir(), args.split, args.limit)
+    records = _records(args.data_dir or default_data_dir(), args.split, args.limit, args.splits)
     out = args.out or Path.cwd() / "slide_eval"
     out.mkdir(parents=True, exist_ok=True)
     options = AnalysisOptions(inference=args.inference)

@@ -54,3 +54,16 @@ def test_cli_writes_a_report(data_dir: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 2 and report["split"] == "test" and len(report["images"]) == 2
     assert not (tmp_path / "work").exists()  # the slides are temporary unless --keep
+
+
+@pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="the demo model is not in this checkout")
+def test_cli_scores_a_runs_validation_split_and_needs_its_splits(data_dir: Path, tmp_path: Path) -> None:
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["train_1"], "valcl": ["train_20", "train_16"], "valpx": ["train_20"],
+                                  "test": []}))
+    assert main([str(DEMO_MODEL), "--split", "valcl", "--splits", str(splits), "--out", str(tmp_path / "out"),
+                 "--threads", "2", "--data-dir", str(data_dir)]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["split"] == "valcl" and sorted(r["name"] for r in report["images"]) == ["train_16", "train_20"]
+    with pytest.raises(SystemExit, match="needs --splits"):
+        main([str(DEMO_MODEL), "--split", "valpx", "--out", str(tmp_path / "o2"), "--data-dir", str(data_dir)])
