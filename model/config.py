@@ -27,11 +27,16 @@ __all__ = [
     "ModelConfig",
     "config_sha256",
     "is_rgb",
+    "lite_variant",
 ]
 
 logger = logging.getLogger(__name__)
 
-LITE_ENCODERS: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+LITE_VARIANT_NAMES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# `<variant>_s5`: the same trunk cut after stage 5 (112 channels x width), whose features separate glands
+# from stroma far better than the head convolution's (docs/training.md, "Which layer the heads read")
+LITE_TRUNK_SUFFIX = "_s5"
+LITE_ENCODERS: tuple[str, ...] = (*LITE_VARIANT_NAMES, *(n + LITE_TRUNK_SUFFIX for n in LITE_VARIANT_NAMES))
 ENCODER_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "vit_tiny", *LITE_ENCODERS)
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 VIT_INPUT_SIZE = 224
@@ -46,6 +51,11 @@ LITE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 RGB = tuple[int, int, int]
+
+
+def lite_variant(encoder_name: str) -> str:
+    """The EfficientNet-Lite variant whose ImageNet weights an encoder uses (`efficientnet_lite0_s5` -> lite0)."""
+    return encoder_name.removesuffix(LITE_TRUNK_SUFFIX)
 
 
 def is_rgb(value: Any) -> bool:
@@ -125,7 +135,7 @@ class ModelConfig:
         if self.encoder_name in LITE_ENCODERS and float(self.encoder_width) != 1.0:
             raise ModelConfigError(
                 f"{self.encoder_name} has its own widths (the variant sets them): encoder_width must be 1.0, "
-                f"got {self.encoder_width!r}; pick efficientnet_lite0/1/2 for a smaller or larger network"
+                f"got {self.encoder_width!r}; pick efficientnet_lite0/1/2 (or their _s5 trunks) for a smaller or larger network"
             )
         if self.encoder_name == "vit_tiny":
             if self.output_stride != VIT_OUTPUT_STRIDE:

