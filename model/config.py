@@ -42,6 +42,7 @@ OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 VIT_INPUT_SIZE = 224
 # Plausible physical scale of a model input pixel, in microns (a 40x scan is ~0.25, a 1.25x overview ~8).
 MIN_INPUT_MPP = 0.05
+MAX_PIXEL_SMOOTH = 9  # cells; the service's dense halo must cover it (it adds k // 2 cells of reach)
 MAX_INPUT_MPP = 100.0
 VIT_OUTPUT_STRIDE = 16
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -105,6 +106,7 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     cls_head_dropout: float = 0.1  # Dropout2d on the features before the image head, training only
+    pixel_smooth: int = 1  # k: pixel logits averaged over k x k cells (1 = none; odd, at most MAX_PIXEL_SMOOTH)
 
     def __post_init__(self) -> None:
         """Normalise sequence fields to tuples and validate everything."""
@@ -173,6 +175,10 @@ class ModelConfig:
             )
         if not isinstance(self.cls_head_dropout, int | float) or not 0.0 <= self.cls_head_dropout < 1.0:
             raise ModelConfigError(f"cls_head_dropout must be in [0, 1), got {self.cls_head_dropout!r}")
+        if (not isinstance(self.pixel_smooth, int) or isinstance(self.pixel_smooth, bool)
+                or not 1 <= self.pixel_smooth <= MAX_PIXEL_SMOOTH or self.pixel_smooth % 2 == 0):
+            raise ModelConfigError(f"pixel_smooth must be an odd integer in [1, {MAX_PIXEL_SMOOTH}] (cells), got "
+                                   f"{self.pixel_smooth!r}")
 
     @property
     def num_classes(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ImageClassifierHead", "PixelHead"]
@@ -41,12 +42,21 @@ class ImageClassifierHead(nn.Module):
 
 
 class PixelHead(nn.Module):
-    """One 1x1 conv C -> 2 (channel 0 background, 1 foreground), no dropout: pixel logits (B, 2, h, w)."""
+    """One 1x1 conv C -> 2 (channel 0 background, 1 foreground), no dropout: pixel logits (B, 2, h, w).
 
-    def __init__(self, in_channels: int):
+    `smooth` k > 1 then averages the logits over k x k cells (stride 1, only cells inside the map count), in
+    training as at inference: a fixed, parameter-free filter that removes the cell-to-cell speckle a 1x1 head
+    leaves on dilated features (docs/training.md).
+    """
+
+    def __init__(self, in_channels: int, smooth: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, 2, kernel_size=1)
+        self.smooth = int(smooth)
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, 2, h, w)."""
-        return self.conv(features)
+        logits = self.conv(features)
+        if self.smooth > 1:
+            logits = F.avg_pool2d(logits, self.smooth, stride=1, padding=self.smooth // 2, count_include_pad=False)
+        return logits

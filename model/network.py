@@ -37,7 +37,7 @@ class PixelCAM(nn.Module):
         self.config = cfg
         self.encoder = build_encoder(cfg)
         self.cls_head = ImageClassifierHead(self.encoder.out_channels, cfg.num_classes, cfg.cls_head_dropout)
-        self.pixel_head = PixelHead(self.encoder.out_channels)
+        self.pixel_head = PixelHead(self.encoder.out_channels, cfg.pixel_smooth)
 
     def forward(self, x: Tensor) -> PixelCAMOutput:
         """(B, 3, S, S) normalised RGB -> PixelCAMOutput."""

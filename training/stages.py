@@ -83,6 +83,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         input_size=cfg.input_size,
         input_mpp=cfg.input_mpp,
         cls_head_dropout=cfg.cls_head_dropout,
+        pixel_smooth=cfg.pixel_smooth,
         **({"mean": LITE_MEAN, "std": LITE_STD} if cfg.encoder_name in LITE_ENCODERS else {}),
     )
 
@@ -182,7 +183,13 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
     elif init is not None:
         if not init.is_file():
             raise StageError(f"{init} not found: run --stage baseline first (same --run-dir)")
-        model, _, _ = load_checkpoint(init)
+        earlier, _, _ = load_checkpoint(init)
+        model = build_model(ctx.mcfg)  # this run's config (e.g. pixel_smooth) over the earlier stage's weights
+        try:
+            model.load_state_dict(earlier.state_dict(), strict=True)
+        except RuntimeError as err:
+            raise StageError(f"{init} holds another network than this run's config describes ({err}); rerun "
+                             "--stage baseline with this config") from err
     else:
         model = build_model(ctx.mcfg)
         if cfg.pretrained:

@@ -144,3 +144,21 @@ def test_cli_random_and_checkpoint(tmp_path: Path, resnet_cfg: ModelConfig, tiss
     assert meta2.provenance["metrics"] == {"pxap": 60.0}
     assert meta2.provenance["train_config_sha256"] == config_sha256(train_config)
     check_parity(model, out2, tissue_tiles[:2], atol=1e-4)
+
+
+def test_a_smoothing_pixel_head_averages_its_logits_and_exports_with_parity(
+    tmp_path: Path, tissue_tiles: np.ndarray
+) -> None:
+    cfg = ModelConfig(encoder_name="resnet18", encoder_width=0.25, output_stride=8, pixel_smooth=5)
+    model = small_model(cfg, tissue_tiles).eval()
+    x = torch.randn(1, model.encoder.out_channels, 12, 16)
+    raw = model.pixel_head.conv(x)
+    out = model.pixel_head(x)
+    # an inner cell is the plain 5 x 5 mean; a corner one the mean of the 3 x 3 cells that exist
+    torch.testing.assert_close(out[0, :, 5, 7], raw[0, :, 3:8, 5:10].mean(dim=(1, 2)))
+    torch.testing.assert_close(out[0, :, 0, 0], raw[0, :, :3, :3].mean(dim=(1, 2)))
+    path = export_onnx(model, cfg, tmp_path / "smooth.onnx")
+    diffs = check_parity(model, path, tissue_tiles[:3], atol=1e-4)
+    assert max(diffs.values()) <= 1e-4 and "dense_fg_prob" in diffs
+    with pytest.raises(ValueError, match="pixel_smooth must be an odd integer"):
+        ModelConfig(pixel_smooth=4)
