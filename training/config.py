@@ -68,6 +68,7 @@ class TrainConfig:
     n_fg: int = 5
     n_bg: int = 5
     bg_area_frac: float = 0.2
+    fg_power: float = 1.0  # fg seeds drawn ∝ CAM ** fg_power (1 = the paper)
     pixel_lambda: float = 1.0
     low_res: bool = False
     seed_classes: tuple[str, ...] = ()  # image classes whose CAMs give seeds; empty = every class
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"seed_classes {unknown_seed} are not in class_names {list(self.class_names)}")
         if not 0 < self.bg_area_frac <= 1:
             raise ConfigError(f"bg_area_frac must be in (0, 1], got {self.bg_area_frac}")
+        if not self.fg_power > 0:
+            raise ConfigError(f"fg_power must be > 0, got {self.fg_power}")
         for name in ("batch_size", "threads", "input_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

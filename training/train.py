@@ -87,7 +87,8 @@ def pixel_loss(
     """
     if cfg.low_res:
         cams = F.interpolate(cams[:, None], size=out_fg.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    seeds = sample_seeds(cams, n_fg=cfg.n_fg, n_bg=cfg.n_bg, bg_area_frac=cfg.bg_area_frac, generator=gen)
+    seeds = sample_seeds(cams, n_fg=cfg.n_fg, n_bg=cfg.n_bg, bg_area_frac=cfg.bg_area_frac,
+                         fg_power=cfg.fg_power, generator=gen)
     if cfg.seed_classes:
         keep = torch.tensor([cfg.class_names[int(y)] in cfg.seed_classes for y in labels])
         seeds[~keep] = IGNORE_INDEX

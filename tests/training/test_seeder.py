@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from training.data import GeomAug, Record, Sample, apply_geom, make_train_batch
@@ -37,6 +38,17 @@ def test_fg_drawn_proportional_to_cam() -> None:
         total += int(fg.sum())
     assert total == 2000
     assert 0.72 < left / total < 0.78  # expected 0.75; the std of the estimate is ~0.01
+
+
+def test_fg_power_draws_closer_to_the_peaks() -> None:
+    cam = torch.full((1, 32, 32), 0.25)
+    cam[:, :, :16] = 0.75  # per pixel 3x as likely with power 1, 3^4 = 81x with power 4
+    gen = _gen(2)
+    left = sum(int((sample_seeds(cam, n_fg=1, n_bg=0, fg_power=4.0, generator=gen)[0] == FG)[:, :16].sum())
+               for _ in range(1000))
+    assert 0.97 < left / 1000 <= 1.0  # expected 81 / 82 = 0.988
+    with pytest.raises(ValueError, match="fg_power"):
+        sample_seeds(cam, fg_power=0.0)
 
 
 def test_bg_only_from_lowest_area() -> None:
