@@ -64,7 +64,10 @@ class TrainConfig:
     jitter: float = 0.3
     eval_every: int = 2
     # PixelCAM
-    cam_method: str = "cam"  # "cam" or "layercam"
+    cam_method: str = "cam"  # "cam" or "layercam"; "pixel" (with cams_from): a PixelCAM's own pixel map
+    # the checkpoint whose maps seed stage 3 (empty: this run's baseline/best_localization.pt); a PixelCAM
+    # checkpoint of an earlier run with cam_method "pixel" makes a second round of seeds (docs/training.md)
+    cams_from: str = ""
     n_fg: int = 5
     n_bg: int = 5
     bg_area_frac: float = 0.2
@@ -93,8 +96,11 @@ class TrainConfig:
                 "training/run.py evaluates whole images with a fully convolutional encoder; vit_tiny takes only "
                 "224x224 inputs: use a resnet encoder (resnet18/34/50)"
             )
-        if self.cam_method not in ("cam", "layercam"):
-            raise ConfigError(f"cam_method must be 'cam' or 'layercam', got {self.cam_method!r}")
+        if self.cam_method not in ("cam", "layercam", "pixel"):
+            raise ConfigError(f"cam_method must be 'cam', 'layercam' or 'pixel', got {self.cam_method!r}")
+        if self.cam_method == "pixel" and not self.cams_from:
+            raise ConfigError("cam_method 'pixel' takes the pixel map of a trained PixelCAM: set cams_from to its "
+                              "checkpoint (e.g. runs/round1/pixelcam/best_localization.pt)")
         if self.positive_class not in self.class_names:
             raise ConfigError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
         unknown_seed = sorted(set(self.seed_classes) - set(self.class_names))

@@ -226,15 +226,19 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
 
 
 def run_cams(ctx: RunContext) -> dict[str, Any]:
-    """Stage 2: the baseline's CAMs (true label, min-max per image, fm resolution) of the training images."""
+    """Stage 2: the baseline's CAMs (true label, min-max per image, fm resolution) of the training images, or
+    the maps of the `cams_from` checkpoint (a PixelCAM's pixel map with cam_method "pixel", also min-max)."""
     t0 = time.perf_counter()
-    ckpt = ctx.run_dir / "baseline" / "best_localization.pt"
+    ckpt = Path(ctx.cfg.cams_from) if ctx.cfg.cams_from else ctx.run_dir / "baseline" / "best_localization.pt"
     if not ckpt.is_file():
-        raise StageError(f"{ckpt} not found: run --stage baseline first (same --run-dir)")
+        hint = "fix cams_from" if ctx.cfg.cams_from else "run --stage baseline first (same --run-dir)"
+        raise StageError(f"{ckpt} not found: {hint}")
     model, _, _ = load_checkpoint(ckpt)
     res = evaluate_split(model, ctx.samples("train"), mode=ctx.cfg.cam_method, keep_maps=True)
     out = ctx.run_dir / "cams"
     out.mkdir(parents=True, exist_ok=True)
+    if ctx.cfg.cam_method == "pixel":  # probabilities: stretched per image like the CAMs
+        res.maps = {k: _minmax_np(v) for k, v in res.maps.items()}
     arrays: dict[str, Any] = {k: v.astype(np.float16) for k, v in res.maps.items()}
     np.savez_compressed(out / "cams.npz", **arrays)
     wall = time.perf_counter() - t0
@@ -255,6 +259,11 @@ def run_cams(ctx: RunContext) -> dict[str, Any]:
     )
     write_report(out, report, summary)
     return report
+
+
+def _minmax_np(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
 def load_cams(path: Path) -> dict[str, np.ndarray]:

@@ -51,8 +51,11 @@ class StageState:
 
 
 def map_mode(stage: str, cfg: TrainConfig) -> str:
-    """Which localisation map a stage is judged by: the baseline's CAM or PixelCAM's pixel head."""
-    return cfg.cam_method if stage == "baseline" else "pixel"
+    """Which localisation map a stage is judged by: the baseline's CAM or PixelCAM's pixel head (a baseline
+    never has a trained pixel head: with cam_method "pixel" it is judged by its CAM)."""
+    if stage == "baseline":
+        return "cam" if cfg.cam_method == "pixel" else cfg.cam_method
+    return "pixel"
 
 
 def make_optimizer(model: PixelCAM, stage: str, cfg: TrainConfig) -> torch.optim.Optimizer:

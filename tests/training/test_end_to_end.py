@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from model.errors import InvalidModelError
 from model.runtime import Predictor, read_model_metadata
+from training.config import ConfigError
 from training.run import main
 
 
@@ -98,3 +100,21 @@ def test_resume_continues_a_stage(run_dir: Path, glas_dir: Path) -> None:
     assert main([*args, "--epochs", "2", "--resume", str(last)]) == 0
     history = _report(run_dir, "baseline")["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_a_second_round_seeds_from_a_pixelcam_map(run_dir: Path, glas_dir: Path, tmp_path: Path) -> None:
+    round2 = tmp_path / "round2"
+    round2.mkdir()
+    shutil.copy(run_dir / "splits.json", round2 / "splits.json")
+    first = run_dir / "pixelcam" / "best_localization.pt"
+    args = ["--quick", "--data-dir", str(glas_dir), "--run-dir", str(round2), "--stage", "cams"]
+    with pytest.raises(ConfigError, match="set cams_from"):  # "pixel" needs the checkpoint whose map it is
+        main([*args, "--cam-method", "pixel"])
+    assert main([*args, "--cam-method", "pixel", "--cams-from", str(first)]) == 0
+    assert _report(round2, "cams")["checkpoint"] == str(first)
+    with np.load(round2 / "cams" / "cams.npz") as cams, np.load(run_dir / "cams" / "cams.npz") as baseline:
+        assert set(cams.files) == set(baseline.files)
+        for name in cams.files:  # stretched to [0, 1] per image, and not the baseline's CAMs
+            a = cams[name].astype(np.float32)
+            assert a.min() == 0.0 and a.max() == pytest.approx(1.0, abs=1e-3) or a.max() == 0.0
+        assert any(not np.allclose(cams[n], baseline[n], atol=1e-2) for n in cams.files)
