@@ -68,6 +68,8 @@ class TrainConfig:
     # the checkpoint whose maps seed stage 3 (empty: this run's baseline/best_localization.pt); a PixelCAM
     # checkpoint of an earlier run with cam_method "pixel" makes a second round of seeds (docs/training.md)
     cams_from: str = ""
+    # R > 1: stage 3 runs R times, each round seeded by the previous round's pixel map (round 1: the CAMs)
+    seed_rounds: int = 1
     n_fg: int = 5
     n_bg: int = 5
     bg_area_frac: float = 0.2
@@ -96,13 +98,22 @@ class TrainConfig:
                 "training/run.py evaluates whole images with a fully convolutional encoder; vit_tiny takes only "
                 "224x224 inputs: use a resnet encoder (resnet18/34/50)"
             )
+        if self.positive_class not in self.class_names:
+            raise ConfigError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
+        self._validate_seeding()
+        for name in ("batch_size", "threads", "input_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _validate_seeding(self) -> None:
+        """The seed maps and the seeder: cam_method, cams_from, seed_rounds, seed_classes, fg/bg."""
         if self.cam_method not in ("cam", "layercam", "pixel"):
             raise ConfigError(f"cam_method must be 'cam', 'layercam' or 'pixel', got {self.cam_method!r}")
+        if not isinstance(self.seed_rounds, int) or not 1 <= self.seed_rounds <= 5:
+            raise ConfigError(f"seed_rounds must be an integer in [1, 5], got {self.seed_rounds!r}")
         if self.cam_method == "pixel" and not self.cams_from:
             raise ConfigError("cam_method 'pixel' takes the pixel map of a trained PixelCAM: set cams_from to its "
                               "checkpoint (e.g. runs/round1/pixelcam/best_localization.pt)")
-        if self.positive_class not in self.class_names:
-            raise ConfigError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
         unknown_seed = sorted(set(self.seed_classes) - set(self.class_names))
         if unknown_seed:
             raise ConfigError(f"seed_classes {unknown_seed} are not in class_names {list(self.class_names)}")
@@ -110,9 +121,6 @@ class TrainConfig:
             raise ConfigError(f"bg_area_frac must be in (0, 1], got {self.bg_area_frac}")
         if not self.fg_power > 0:
             raise ConfigError(f"fg_power must be > 0, got {self.fg_power}")
-        for name in ("batch_size", "threads", "input_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (tuples become lists)."""

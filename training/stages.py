@@ -166,17 +166,29 @@ def run_baseline(ctx: RunContext) -> dict[str, Any]:
 
 
 def run_pixelcam(ctx: RunContext) -> dict[str, Any]:
-    """Stage 3: PixelCAM joint training from the stage-1 best_classification checkpoint and stored CAMs."""
+    """Stage 3: PixelCAM joint training from the stage-1 best_classification checkpoint and stored CAMs.
+
+    With `seed_rounds` R > 1, round r < R trains into `pixelcam_round<r>/`, its pixel map (best_localization,
+    min-max per image) becomes the seed maps of round r + 1 (`cams_round<r+1>/`), and the last round, again from
+    the stage-1 checkpoint, trains into `pixelcam/`.
+    """
     init = ctx.run_dir / "baseline" / "best_classification.pt"
     cams = load_cams(ctx.run_dir / "cams" / "cams.npz")
+    for r in range(1, ctx.cfg.seed_rounds):
+        name = f"pixelcam_round{r}"
+        _train(ctx, "pixelcam", init=init, cams=cams, out_name=name, resumable=False)
+        report = store_maps(ctx, ctx.run_dir / name / "best_localization.pt", "pixel", ctx.run_dir / f"cams_round{r + 1}")
+        logger.info("round %d seeds: the pixel map of %s (train PxAP %s)", r + 1, name, report["train_pxap_of_cams"])
+        cams = load_cams(ctx.run_dir / f"cams_round{r + 1}" / "cams.npz")
     return _train(ctx, "pixelcam", init=init, cams=cams)
 
 
-def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np.ndarray] | None) -> dict[str, Any]:
+def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np.ndarray] | None,
+           out_name: str | None = None, resumable: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
-    resumed = _resume_payload(cfg, stage)
+    resumed = _resume_payload(cfg, stage) if resumable else None
     resume_extra = None
     if resumed is not None:
         model, resume_extra = resumed
@@ -202,7 +214,7 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
         train=ctx.samples("train"),
         valcl=ctx.samples("valcl"),
         valpx_names=valpx,
-        out_dir=ctx.run_dir / stage,
+        out_dir=ctx.run_dir / (out_name or stage),
         cams=cams,
         resume=resume_extra,
     )
@@ -221,23 +233,27 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
         "best_valpx_pxap": state.best_pxap,
         "history": state.history,
     }
-    write_report(ctx.run_dir / stage, report, training_summary(stage, report))
+    write_report(ctx.run_dir / (out_name or stage), report, training_summary(stage, report))
     return report
 
 
 def run_cams(ctx: RunContext) -> dict[str, Any]:
     """Stage 2: the baseline's CAMs (true label, min-max per image, fm resolution) of the training images, or
     the maps of the `cams_from` checkpoint (a PixelCAM's pixel map with cam_method "pixel", also min-max)."""
-    t0 = time.perf_counter()
     ckpt = Path(ctx.cfg.cams_from) if ctx.cfg.cams_from else ctx.run_dir / "baseline" / "best_localization.pt"
     if not ckpt.is_file():
         hint = "fix cams_from" if ctx.cfg.cams_from else "run --stage baseline first (same --run-dir)"
         raise StageError(f"{ckpt} not found: {hint}")
+    return store_maps(ctx, ckpt, ctx.cfg.cam_method, ctx.run_dir / "cams")
+
+
+def store_maps(ctx: RunContext, ckpt: Path, mode: str, out: Path) -> dict[str, Any]:
+    """The `mode` maps of `ckpt` for every training image (min-max per image), in `out/cams.npz`, with a report."""
+    t0 = time.perf_counter()
     model, _, _ = load_checkpoint(ckpt)
-    res = evaluate_split(model, ctx.samples("train"), mode=ctx.cfg.cam_method, keep_maps=True)
-    out = ctx.run_dir / "cams"
+    res = evaluate_split(model, ctx.samples("train"), mode=mode, keep_maps=True)
     out.mkdir(parents=True, exist_ok=True)
-    if ctx.cfg.cam_method == "pixel":  # probabilities: stretched per image like the CAMs
+    if mode == "pixel":  # probabilities: stretched per image like the CAMs
         res.maps = {k: _minmax_np(v) for k, v in res.maps.items()}
     arrays: dict[str, Any] = {k: v.astype(np.float16) for k, v in res.maps.items()}
     np.savez_compressed(out / "cams.npz", **arrays)
@@ -245,14 +261,14 @@ def run_cams(ctx: RunContext) -> dict[str, Any]:
     report = {
         "stage": "cams",
         "checkpoint": str(ckpt),
-        "cam_method": ctx.cfg.cam_method,
+        "cam_method": mode,
         "n_images": len(res.maps),
         "images_per_s": len(res.maps) / max(wall, 1e-9),
         "wall_s": wall,
         "train_pxap_of_cams": res.counts.pxap() if res.n_masked else None,
     }
     summary = (
-        f"# Stage cams\n\n{len(res.maps)} training-image CAMs ({ctx.cfg.cam_method}, true label, min-max "
+        f"# Stage cams\n\n{len(res.maps)} training-image CAMs ({mode}, true label, min-max "
         f"normalised, float16 at feature resolution) from `{ckpt.name}` in {fmt(wall, 1)} s "
         f"({fmt(report['images_per_s'])} images/s). PxAP of these CAMs on the training masks (a diagnostic of "
         f"seed quality, never used for selection): {fmt(report['train_pxap_of_cams'])} %."

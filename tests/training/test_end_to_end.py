@@ -118,3 +118,19 @@ def test_a_second_round_seeds_from_a_pixelcam_map(run_dir: Path, glas_dir: Path,
             a = cams[name].astype(np.float32)
             assert a.min() == 0.0 and a.max() == pytest.approx(1.0, abs=1e-3) or a.max() == 0.0
         assert any(not np.allclose(cams[n], baseline[n], atol=1e-2) for n in cams.files)
+
+
+def test_seed_rounds_reseed_stage3_from_the_previous_rounds_pixel_map(run_dir: Path, glas_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    rounds = tmp_path / "rounds"
+    rounds.mkdir()
+    for item in ("splits.json", "baseline", "cams"):
+        (shutil.copytree if (run_dir / item).is_dir() else shutil.copy)(run_dir / item, rounds / item)
+    assert main(["--quick", "--data-dir", str(glas_dir), "--run-dir", str(rounds), "--stage", "pixelcam",
+                 "--seed-rounds", "2"]) == 0
+    assert (rounds / "pixelcam_round1" / "best_localization.pt").is_file()
+    assert _report(rounds, "cams_round2")["checkpoint"] == str(rounds / "pixelcam_round1" / "best_localization.pt")
+    assert _report(rounds, "cams_round2")["cam_method"] == "pixel"
+    assert _report(rounds, "pixelcam")["init"].endswith("best_classification.pt")  # the last round, from stage 1
+    with np.load(rounds / "cams_round2" / "cams.npz") as seeds, np.load(rounds / "cams" / "cams.npz") as cams:
+        assert set(seeds.files) == set(cams.files)
