@@ -123,6 +123,9 @@ class AnalysisOptions:
     threshold: float | None = _option(None, OptionSpec(
         float, "foreground probability threshold; null: the model's fg_threshold", gt=0, lt=1, nullable=True))
     blend: str = _option("mean", OptionSpec(str, "how overlapping tiles are averaged", choices=("mean", "cosine")))
+    tissue_only: bool = _option(True, OptionSpec(
+        bool, "foreground only on tissue: heatmap cells whose centre is off the tissue mask (glass, white "
+              "background inside a kept tile) get probability 0"))
     write_detections: bool = _option(True, OptionSpec(
         bool, "QuPath tile objects with probabilities (measurement maps) in the GeoJSON"))
     simplify_hm: float = _option(0.5, OptionSpec(

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import model
 from model.errors import InvalidModelError
+from service import constants
 from service.slide.errors import MissingMppError, SlideError
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SLIDE, EXIT_MPP, EXIT_MODEL = 0, 1, 2, 3, 4, 5
-DEFAULT_MODEL_NAME = "pixelcam-glas-resnet18.onnx"
+DEFAULT_MODEL_NAME = f"{constants.DEMO_MODEL_NAME}.onnx"
 
 
 class UsageError(Exception):
@@ -97,6 +98,8 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--region-tiles", type=int, help="dense: tiles per region side")
     p.add_argument("--halo", type=int, help="dense: context margin around a region, in model-input px")
     p.add_argument("--no-detections", action="store_true", help="leave the tile objects out of the GeoJSON")
+    p.add_argument("--raw-heatmap", action="store_true",
+                   help="keep the model's foreground on glass too (default: cells off the tissue mask are 0)")
     p.add_argument("--gzip", action="store_true", help="write result.geojson.gz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=analyze_command)
@@ -117,6 +120,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
             reader_threads=args.reader_threads,
             reader_processes=args.reader_processes,
             write_detections=not args.no_detections,
+            tissue_only=not args.raw_heatmap,
             geojson_gzip=args.gzip,
             **{name: value for name, value in (("inference", args.inference), ("region_tiles", args.region_tiles),
                                                ("halo_px", args.halo)) if value is not None},

@@ -127,15 +127,21 @@ def slide_call(
 
 
 class EvidenceCounter:
-    """Counts analysed, positive and tissue cells band by band (tissue resampled onto the heatmap grid)."""
+    """Counts analysed, positive and tissue cells band by band (tissue resampled onto the heatmap grid).
+
+    With `tissue_only`, each band is handed on with probability 0 in its cells off the tissue mask (the counts
+    are of that band): a model is never asked about glass, and a GlaS-trained one calls white space gland.
+    """
 
     def __init__(
-        self, grid: HeatmapGrid, threshold: float, tissue_mask: np.ndarray | None, tissue_l0_per_px: float
+        self, grid: HeatmapGrid, threshold: float, tissue_mask: np.ndarray | None, tissue_l0_per_px: float,
+        tissue_only: bool = False,
     ) -> None:
         self.grid = grid
         self.threshold = threshold
         self.tissue_mask = tissue_mask
         self.tissue_l0_per_px = tissue_l0_per_px
+        self.tissue_only = tissue_only and tissue_mask is not None
         self.analysed = self.positive = self.tissue = self.positive_on_tissue = 0
         self.prob_sum = 0.0
 
@@ -152,9 +158,11 @@ class EvidenceCounter:
         return sampled
 
     def add(self, band: HeatmapBand) -> HeatmapBand:
-        """Count one band and hand it on unchanged."""
-        positive = band.covered & (band.prob >= self.threshold)
+        """Count one band and hand it on (off-tissue cells at probability 0 with `tissue_only`)."""
         tissue = self._tissue_rows(band.hm_y0, band.prob.shape)
+        if self.tissue_only:
+            band = HeatmapBand(band.hm_y0, np.where(tissue, band.prob, np.float32(0.0)), band.covered)
+        positive = band.covered & (band.prob >= self.threshold)
         self.analysed += int(band.covered.sum())
         self.positive += int(positive.sum())
         self.tissue += int(tissue.sum())

@@ -295,7 +295,7 @@ def test_finalize_steps_run_one_by_one_give_what_finalize_job_gives(
     assert heatmap.evidence["positive_area_mm2"] == pytest.approx(ref["evidence"]["positive_area_mm2"], abs=1e-3)
     assert len(heatmap.regions) == ref["evidence"]["regions"] and heatmap.meta == ref["heatmap"]
     provenance = {"model": {"sha256": random_predictor.sha256}, "parameters": {"p": 1}}
-    geojson = write_result_geojson(plan, heatmap.regions, index, random_predictor.metadata, provenance, out)
+    geojson = write_result_geojson(plan, heatmap.regions, index, random_predictor.metadata, provenance, out, job)
     features = json.loads(geojson.read_text())["features"]
     assert len(features) == len(json.loads(reference.path("geojson").read_text())["features"])
     doc = build_result(plan, index, random_predictor.metadata, heatmap, provenance, geojson.name, {"stitch": 1.0})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.cli import analyze
@@ -32,6 +33,29 @@ def test_analyze_writes_all_four_files(
     assert result["outputs"]["geojson"] == "result.geojson.gz"
     printed = capsys.readouterr().out
     assert cmu_small_path.name in printed and result["classification"]["label"] in printed
+
+
+def test_the_heatmap_is_zero_off_the_tissue_unless_raw_is_asked(
+    cmu_small_path: Path, random_model_path: Path, tmp_path: Path
+) -> None:
+    import tifffile
+
+    from service.outputs.stitching import decode_heatmap
+
+    maps = {}
+    for name, extra in (("gated", []), ("raw", ["--raw-heatmap"])):
+        out = tmp_path / name
+        argv = ["analyze", str(cmu_small_path), "--model", str(random_model_path), "--out", str(out), "--quiet"]
+        assert main([*argv, "--threads", "2", *extra]) == analyze.EXIT_OK
+        result = json.loads((out / "result.json").read_text())
+        assert result["provenance"]["parameters"]["tissue_only"] is (name == "gated")
+        maps[name] = decode_heatmap(tifffile.imread(out / "heatmap.tif", key=0))
+    (gated, covered), (raw, raw_covered) = maps["gated"], maps["raw"]
+    np.testing.assert_array_equal(covered, raw_covered)  # the same cells analysed
+    zeroed = covered & (gated == 0) & (raw > 0.05)
+    assert zeroed.sum() > 100  # CMU-1-Small-Region's kept tiles hold glass: those cells are 0 only when gated
+    kept = covered & (gated > 0)
+    np.testing.assert_allclose(gated[kept], raw[kept], atol=1 / 254)  # on tissue the map is untouched
 
 
 def test_missing_mpp_exits_4_and_names_the_override(
