@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("slide", type=Path, nargs="?", default=None, help="default: CMU-1-Small-Region.svs")
     ap.add_argument("--mpp", type=float, default=None, help="mpp override (e.g. for a slide without one)")
-    ap.add_argument("--model", type=Path, default=REPO_ROOT / "model" / "weights" / "pixelcam-glas-resnet18.onnx")
+    ap.add_argument("--model", type=Path, default=REPO_ROOT / "model" / "weights" / "pixelcam-glas-lite0-s5.onnx")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")

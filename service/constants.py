@@ -54,7 +54,7 @@ SLIDES_DIR: Final = "slides"
 JOBS_DIR: Final = "jobs"
 MODELS_DIR: Final = "models"
 REDIS_DIR: Final = "redis"
-DEMO_MODEL_NAME: Final = "pixelcam-glas-resnet18"  # model/weights/<name>.onnx, served when nothing else is chosen
+DEMO_MODEL_NAME: Final = "pixelcam-glas-lite0-s5"  # model/weights/<name>.onnx, served when nothing else is chosen
 DEFAULT_MODEL_FILE: Final = "DEFAULT"  # inside the models dir: the name of the default model, one line
 
 # Histogram buckets (seconds) of the inference latency per batch, shared by workers and /metrics.

@@ -15,7 +15,7 @@ from training.data import load_glas, read_rgb
 from training.metrics import PixelCounts
 from training.slide_eval import evaluate_as_slides, heatmap_at_pixels, main, write_slide
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "model" / "weights" / "pixelcam-glas-resnet18.onnx"
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "model" / "weights" / "pixelcam-glas-lite0-s5.onnx"
 
 
 def test_a_written_slide_reads_back_with_its_size_and_mpp(glas_dir: Path, tmp_path: Path) -> None:

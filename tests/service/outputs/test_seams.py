@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -13,8 +14,11 @@ from service.analysis.pipeline import analyze_slide
 from service.analysis.plan import AnalysisOptions
 from service.outputs.seams import seam_score
 from service.outputs.stitching import decode_heatmap
+from service.slide.wsi import open_slide
 
-DEMO_MODEL = Path(__file__).resolve().parents[3] / "model" / "weights" / "pixelcam-glas-resnet18.onnx"
+WEIGHTS = Path(__file__).resolve().parents[3] / "model" / "weights"
+# the shipped default (EfficientNet-Lite0 trunk) and the older from-scratch ResNet-18 demo
+SHIPPED = [WEIGHTS / "pixelcam-glas-lite0-s5.onnx", WEIGHTS / "pixelcam-glas-resnet18.onnx"]
 
 
 def _smooth(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -51,15 +55,43 @@ def test_unanalysed_cells_are_ignored_and_bad_input_is_refused() -> None:
         seam_score(base, 1)
 
 
-@pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="the demo model is not in this checkout")
-def test_dense_default_removes_the_tile_grid_on_a_real_slide(cmu_small_path: Path, tmp_path: Path) -> None:
-    predictor = Predictor(DEMO_MODEL, threads=2)
-    scores = {}
+def _single_pass(slide_path: Path, predictor: Predictor) -> np.ndarray:
+    """The model's fg map of the whole slide in one input (no tiles, no regions): the seam-free reference."""
+    with open_slide(slide_path) as slide:
+        w, h = slide.info.l0_size_wh
+        image = np.ascontiguousarray(slide.read_region((0, 0), 0, (w, h))[..., :3])
+        scale = slide.info.mpp / predictor.metadata.input_mpp
+    image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    k = predictor.metadata.output_stride
+    pad = np.pad(image, ((0, -image.shape[0] % k), (0, -image.shape[1] % k), (0, 0)), constant_values=255)
+    return predictor.predict_dense(pad[None]).fg_prob[0]
+
+
+@pytest.mark.parametrize("model_path", SHIPPED, ids=lambda p: p.stem)
+def test_dense_default_removes_the_tile_grid_on_a_real_slide(cmu_small_path: Path, tmp_path: Path,
+                                                             model_path: Path) -> None:
+    """Dense maps score like the model's own single-pass map of the slide on the same cells; tiles far worse.
+
+    A sharp model's map of a small slide has content steps that the fold does not average away: for the shipped
+    Lite0 model the single pass over CMU-1-Small-Region scores about 1.7 with no tiling at all, so the bound is
+    relative to that reference (and 1.4 where the reference is lower). The heatmaps are compared as the model
+    gives them (`tissue_only` off), since the reference has no tissue mask.
+    """
+    if not model_path.is_file():
+        pytest.skip(f"{model_path.name} is not in this checkout")
+    predictor = Predictor(model_path, threads=2)
+    reference = _single_pass(cmu_small_path, predictor)
+    scores: dict[str, float] = {}
+    refs: dict[str, float] = {}
     for mode in ("tiles", "auto"):
-        result = analyze_slide(cmu_small_path, predictor, tmp_path / mode, AnalysisOptions(inference=mode))
+        result = analyze_slide(cmu_small_path, predictor, tmp_path / mode,
+                               AnalysisOptions(inference=mode, tissue_only=False))
         prob, covered = decode_heatmap(tifffile.imread(result.path("heatmap"), key=0))
         period = round(result.result["provenance"]["parameters"]["l0_tile_size"] / result.result["heatmap"]["hm_downsample"])
         assert period == predictor.fm_size
-        scores[mode] = seam_score(np.where(covered, prob, np.nan), period).score
-    assert scores["tiles"] > 2.0, scores  # tile by tile, every tile border is a step
-    assert scores["auto"] <= 1.4, scores  # dense: the issue's bound for a seam-free map
+        h, w = min(prob.shape[0], reference.shape[0]), min(prob.shape[1], reference.shape[1])
+        cells = covered[:h, :w]
+        scores[mode] = seam_score(np.where(cells, prob[:h, :w], np.nan), period).score
+        refs[mode] = seam_score(np.where(cells, reference[:h, :w], np.nan), period).score
+    assert scores["tiles"] > 2.0 and scores["tiles"] > 1.4 * scores["auto"], (scores, refs)  # every tile border
+    assert scores["auto"] <= max(1.4, 1.2 * refs["auto"]), (scores, refs)  # dense: as seam-free as one pass
