@@ -190,6 +190,51 @@ class JobQueue:
         logger.info("job %s cancelled", job_id)
         return self.get(job_id)
 
+    def delete(self, job_id: str) -> dict[str, str]:
+        """Remove an ended job from Redis: its record, every per-run key, and the job and owner indexes.
+
+        Queued, running or stitching jobs are refused (JobConflict): cancel first. A worker still busy with a
+        cancelled job's batch checks the job again before it writes, finds it gone and writes nothing.
+        """
+        record = self.get(job_id)
+        if record["state"] not in constants.TERMINAL_STATES:
+            raise JobConflict(f"job {job_id} is {record['state']}; cancel it first (POST /v1/jobs/{job_id}/cancel), "
+                              "then delete it")
+        key = self.job_key(job_id)
+        keys = [key, *self.redis.scan_iter(match=f"{key}:*", count=1000)]
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys)
+            pipe.zrem(self.settings.key(constants.JOBS_INDEX_KEY), job_id)
+            owner = record.get("owner")
+            if owner:
+                pipe.zrem(self.settings.key(constants.OWNER_JOBS_KEY, key_id=owner), job_id)
+                pipe.srem(self.settings.key(constants.OWNER_ACTIVE_KEY, key_id=owner), job_id)
+            pipe.execute()
+        logger.info("job %s deleted (%d keys)", job_id, len(keys))
+        return record
+
+    def jobs_of_slide(self, slide_id: str) -> dict[str, tuple[str, str]]:
+        """job id -> (state, owner key id) of every job whose slide is `slide_id`."""
+        job_ids = [str(j) for j in self.redis.zrange(self.settings.key(constants.JOBS_INDEX_KEY), 0, -1)]  # type: ignore[union-attr]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.job_key(job_id), ["slide_id", "state", "owner"])
+            rows = pipe.execute()
+        return {j: (str(state), str(owner or "")) for j, (slide, state, owner) in zip(job_ids, rows, strict=True)
+                if slide == slide_id}
+
+    def slide_owners(self, slide_id: str) -> set[str]:
+        """The key ids whose set of owned slides holds `slide_id`."""
+        pattern = self.settings.key(constants.OWNER_SLIDES_KEY, key_id="*")
+        prefix, suffix = pattern.split("*")
+        return {str(k)[len(prefix):len(str(k)) - len(suffix)] for k in self.redis.scan_iter(match=pattern, count=1000)
+                if self.redis.sismember(k, slide_id)}
+
+    def forget_slide(self, slide_id: str, key_ids: set[str] | None = None) -> None:
+        """Drop a slide id from these keys' sets of owned slides (default: every key's)."""
+        for key_id in self.slide_owners(slide_id) if key_ids is None else key_ids:
+            self.redis.srem(self.settings.key(constants.OWNER_SLIDES_KEY, key_id=key_id), slide_id)
+
     def transition(self, job_id: str, generation: str, allowed: str, state: str, **fields: str) -> bool:
         """Move the job to `state` if it is still this generation and in one of the `allowed` states."""
         args: list[str] = [generation, allowed, state]

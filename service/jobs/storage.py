@@ -17,6 +17,7 @@ import os
 import re
 import resource
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,20 @@ def job_dir(jobs_root: Path, job_id: str) -> Path:
     if not _JOB_RE.match(job_id):
         raise ServiceError(f"{job_id!r} is not a job id (lowercase hex)")
     return jobs_root / job_id
+
+
+def remove_tree(folder: Path) -> None:
+    """Delete a folder for good: renamed aside first (so no reader finds it half-deleted), then removed."""
+    if not folder.exists():
+        return
+    doomed = folder.with_name(f".deleting-{folder.name}-{os.getpid()}-{time.monotonic_ns()}")
+    folder.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_job_files(jobs_root: Path, job_id: str) -> None:
+    """Delete a job's folder: plan, chunk outputs, tissue mask and results."""
+    remove_tree(job_dir(jobs_root, job_id))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +185,11 @@ class SlideStore:
         or allocate without end costs one child, killed at the deadline, and the next upload is not affected.
         """
         return inspect_isolated(path, self.inspect_timeout_s, self.inspect_memory_bytes)
+
+    def delete(self, slide_id: str) -> None:
+        """Remove the stored slide's folder (the file and its info); SlideNotFound when there is none."""
+        record = self.get(slide_id)
+        remove_tree(record.path.parent)
 
     def find(self, slide_id: str) -> SlideRecord | None:
         """The slide if it is stored, else None."""

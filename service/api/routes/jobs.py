@@ -22,6 +22,7 @@ from service import constants
 from service.analysis.plan import WORKER_OPTION_KEYS, AnalysisOptions
 from service.api.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
 from service.api.routes.slides import receive_slide
+from service.api.routes.tiles import TileState, TileStateDep, forget_cached
 from service.api.schemas import AnalysisOptionsIn, ErrorPublic, JobCreate, JobPublic, JobsPublic
 from service.api.security import (
     ANONYMOUS,
@@ -33,9 +34,18 @@ from service.api.security import (
     principal_of,
     record_job,
 )
-from service.errors import InvalidRequest, JobLost, JobNotFound, RateLimited, ServiceError, SlideNotFound
+from service.errors import (
+    InvalidRequest,
+    JobConflict,
+    JobLost,
+    JobNotFound,
+    RateLimited,
+    ServiceError,
+    SlideNotFound,
+)
 from service.jobs.queue import JobQueue, dumps_options
-from service.jobs.storage import ModelRegistry, SlideRecord, SlideStore, job_dir
+from service.jobs.storage import ModelRegistry, SlideRecord, SlideStore, job_dir, remove_job_files
+from service.settings import Settings
 from service.slide.metadata import MPP_RANGE
 
 logger = logging.getLogger(__name__)
@@ -232,10 +242,45 @@ def cancel_job(job_id: str, queue: QueueDep) -> JobPublic:
     return job_public(queue.cancel(job_id))
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, responses=_ERRORS)
-def delete_job(job_id: str, queue: QueueDep) -> JobPublic:
-    """Same as cancel (results of finished jobs are kept)."""
-    return job_public(queue.cancel(job_id))
+@router.delete("/v1/jobs/{job_id}", status_code=204, response_class=Response, responses=_ERRORS)
+def delete_job(job_id: str, queue: QueueDep, settings: SettingsDep, state: TileStateDep) -> Response:
+    """Delete an ended job for good: its results, chunk files and Redis keys (409 while it runs: cancel first)."""
+    erase_job(queue, settings, state, job_id)
+    return Response(status_code=204)
+
+
+@router.delete("/v1/slides/{slide_id}", status_code=204, response_class=Response, tags=["slides"],
+               responses=_ERRORS)
+def delete_slide(slide_id: str, request: Request, queue: QueueDep, slides: SlideStoreDep, settings: SettingsDep,
+                 state: TileStateDep) -> Response:
+    """Delete a slide and everything made from it: its jobs' results and keys, its file, cached tiles (409 while
+    one of its jobs is queued or running: cancel those first). With API keys, a slide that another key uploaded
+    too stays stored for that key: only the caller's jobs and ownership go."""
+    slides.get(slide_id)  # 404 for an unknown slide
+    who = principal_of(request)
+    jobs = {j: st for j, (st, owner) in queue.jobs_of_slide(slide_id).items()
+            if not who.authenticated or owner == who.key_id}
+    active = sorted(j for j, st in jobs.items() if st not in constants.TERMINAL_STATES)
+    if active:
+        raise JobConflict(f"slide {slide_id} has {len(active)} unfinished job(s) ({', '.join(active[:5])}); cancel "
+                          "them (POST /v1/jobs/{job_id}/cancel), then delete the slide")
+    for job_id in jobs:
+        erase_job(queue, settings, state, job_id)
+    others = queue.slide_owners(slide_id) - {who.key_id} if who.authenticated else set()
+    queue.forget_slide(slide_id, {who.key_id} if who.authenticated else None)
+    if not others:
+        slides.delete(slide_id)
+        forget_cached(state, slide_id)
+    logger.info("slide %s deleted with %d job(s)%s", slide_id, len(jobs),
+                f"; kept for {len(others)} other key(s)" if others else "")
+    return Response(status_code=204)
+
+
+def erase_job(queue: JobQueue, settings: Settings, state: TileState, job_id: str) -> None:
+    """Everything of one ended job: Redis keys first (so no one finds it), then its folder and cached tiles."""
+    queue.delete(job_id)
+    remove_job_files(settings.jobs_dir, job_id)
+    forget_cached(state, job_id)
 
 
 async def _events(queue: JobQueue, job_id: str, poll_s: float) -> AsyncIterator[str]:

@@ -135,6 +135,15 @@ class SlidePool:
         finally:
             self._give_back(path, entry, slide)
 
+    def forget(self, match: Callable[[Path], bool]) -> int:
+        """Close and drop the slides whose path matches (handles still borrowed close when given back)."""
+        dropped = 0
+        for path, entry in self._entries.items():
+            if match(path) and self._entries.pop(path) is not None:
+                self._dropped(path, entry)
+                dropped += 1
+        return dropped
+
     def close(self) -> None:
         """Close every idle handle."""
         self._entries.clear()
@@ -155,6 +164,18 @@ class TileState:
     slide_paths: LRUCache[tuple[Any, ...], Any] = field(default_factory=lambda: LRUCache(max_size=1 << 20))
     lock: threading.Lock = field(default_factory=threading.Lock)
     loading: dict[tuple[str, ...], threading.Lock] = field(default_factory=dict)  # one load per job version
+
+
+def forget_cached(state: TileState, *ids: str) -> int:
+    """Drop every cached tile, heatmap source, path and open handle that belongs to these slide or job ids."""
+    wanted = set(ids)
+    dropped = 0
+    for cache in (state.slide_tiles, state.tiles, state.heatmaps, state.slide_paths):
+        for key, _ in cache.items():
+            if wanted.intersection(str(part) for part in key):
+                cache.pop(key)
+                dropped += 1
+    return dropped + state.slides.forget(lambda path: bool(wanted.intersection(path.parts)))
 
 
 _STATE_LOCK = threading.Lock()

@@ -257,3 +257,22 @@ def test_keys_in_addresses_never_reach_the_access_log(keyed: Settings) -> None:
     text = "\n".join(keep.lines)
     assert KEY_A not in text and KEY_B not in text, text
     assert "api_key=[redacted]" in text and "x=1" in text and "y=2" in text
+
+
+def test_a_key_deletes_only_its_own_share_of_a_slide(client: TestClient, keyed: Settings, slides_dir: Path) -> None:
+    slide_id = upload(client, slides_dir, KEY_A)["slide_id"]
+    assert upload(client, slides_dir, KEY_B)["slide_id"] == slide_id  # the same bytes: one stored file, two owners
+    job_a = client.post("/v1/jobs", json={"slide_id": slide_id}, headers=auth(KEY_A)).json()["job_id"]
+    job_b = client.post("/v1/jobs", json={"slide_id": slide_id, "options": {"min_tissue": 0.3}},
+                        headers=auth(KEY_B)).json()["job_id"]
+    for job_id, key in ((job_a, KEY_A), (job_b, KEY_B)):
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key))
+    assert client.delete(f"/v1/jobs/{job_b}", headers=auth(KEY_A)).status_code == 404  # not A's job
+    assert client.delete(f"/v1/slides/{slide_id}", headers=auth(KEY_A)).status_code == 204
+    assert client.get(f"/v1/slides/{slide_id}", headers=auth(KEY_A)).status_code == 404  # gone for A
+    assert client.get(f"/v1/jobs/{job_a}", headers=auth(KEY_A)).status_code == 404
+    assert client.get(f"/v1/slides/{slide_id}", headers=auth(KEY_B)).status_code == 200  # B keeps its copy
+    assert client.get(f"/v1/jobs/{job_b}", headers=auth(KEY_B)).json()["state"] == "cancelled"
+    assert (keyed.slides_dir / slide_id).is_dir()
+    assert client.delete(f"/v1/slides/{slide_id}", headers=auth(KEY_B)).status_code == 204  # the last owner
+    assert not (keyed.slides_dir / slide_id).exists() and not (keyed.jobs_dir / job_b).exists()
