@@ -59,3 +59,5 @@ DEFAULT_MODEL_FILE: Final = "DEFAULT"  # inside the models dir: the name of the 
 
 # Histogram buckets (seconds) of the inference latency per batch, shared by workers and /metrics.
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# job run time (created -> ended) and queue wait (created -> a worker starts planning), seconds
+JOB_TIME_BUCKETS_S: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)

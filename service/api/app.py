@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
-from service.api.metrics import QueueCollector
+from service.api.metrics import HttpMetrics, QueueCollector, http_histogram
 from service.api.routes import health, jobs, models, results, slides, tiles, viewer
 from service.api.security import SecurityMiddleware, authorize, install_log_redaction
 from service.jobs.queue import JobQueue, connect
@@ -94,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
                                        settings.inspect_memory_mb << 20)
         app.state.models = registry
         app.state.metrics = QueueCollector(queue)
+        app.state.metrics.registry.register(app.state.http_histogram)
         logger.info("api ready (storage %s, redis prefix %s)", settings.storage_dir, settings.redis_prefix)
         try:
             yield
@@ -108,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
         dependencies=[Depends(authorize)],  # ids in the path must belong to the caller's key
     )
     app.state.settings = settings
+    app.state.http_histogram = http_histogram()
     # the outermost layer last: CORS answers preflights before the key check, which runs before any route
     app.add_middleware(SecurityMiddleware, settings=settings)
     if settings.cors_origin_list:
@@ -115,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Location", "Retry-After", "ETag"])
+    app.add_middleware(HttpMetrics, histogram=app.state.http_histogram)  # outermost: every answer is timed
 
     _add_error_handlers(app)
 

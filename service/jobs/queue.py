@@ -240,7 +240,23 @@ class JobQueue:
         args: list[str] = [generation, allowed, state]
         for name, value in fields.items():
             args += [name, value]
-        return bool(self._transition(keys=[self.job_key(job_id)], args=args))
+        moved = bool(self._transition(keys=[self.job_key(job_id)], args=args))
+        if moved and (state in constants.TERMINAL_STATES or "started_at" in fields):
+            self._record_timing(job_id, state)
+        return moved
+
+    def _record_timing(self, job_id: str, state: str) -> None:
+        """Count a run's outcome and its time, or its queue wait when it starts, for /metrics."""
+        created, started, finished = self.redis.hmget(self.job_key(job_id), ["created_at", "started_at", "finished_at"])
+        key = self.settings.key(constants.STATS_KEY)
+        with self.redis.pipeline(transaction=False) as pipe:
+            if state in constants.TERMINAL_STATES:
+                pipe.hincrby(key, f"jobs_outcome:{state}", 1)
+                if created and finished:
+                    _observe(pipe, key, f"job_seconds:{state}", float(finished) - float(created))
+            elif created and started:
+                _observe(pipe, key, "queue_wait_seconds", float(started) - float(created))
+            pipe.execute()
 
     def set_fields(self, job_id: str, generation: str, **fields: str) -> None:
         """Update fields of the job if it is still this generation (no state change)."""
@@ -396,6 +412,13 @@ class JobQueue:
                 pipe.hmget(self.job_key(job_id), fields)
             rows = pipe.execute()
         return [dict(zip(fields, row, strict=True)) for row in rows if row[0] is not None]
+
+
+def _observe(pipe: Any, key: str, name: str, value: float) -> None:
+    """One histogram observation as hash counters: `<name>:bucket:<bound>` (not cumulative) and `<name>:sum`."""
+    bound = next((str(b) for b in constants.JOB_TIME_BUCKETS_S if value <= b), "+Inf")
+    pipe.hincrby(key, f"{name}:bucket:{bound}", 1)
+    pipe.hincrbyfloat(key, f"{name}:sum", max(0.0, value))
 
 
 def _message(msg_id: str, fields: Mapping[str, str], deliveries: int) -> Message:

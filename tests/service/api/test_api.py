@@ -186,6 +186,23 @@ def test_health_readiness_metrics_and_openapi(client: TestClient) -> None:
     assert {"/v1/slides", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/models", "/v1/analyze"} <= set(paths)
 
 
+def test_http_requests_are_timed_by_route_template_not_by_id(client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(3):
+        assert client.get("/v1/jobs/" + "a" * 32).status_code == 404
+    client.get("/v1/jobs/" + "b" * 32)
+    assert client.get("/no/such/path").status_code == 404
+    assert client.get("/healthz").status_code == 200
+    counts = {tuple(sorted(s.labels.items())): s.value
+              for f in text_string_to_metric_families(client.get("/metrics").text)
+              if f.name == "pixelcam_http_request_duration_seconds" for s in f.samples if s.name.endswith("_count")}
+    assert counts[(("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404"))] == 4  # ids share a label
+    assert counts[(("method", "GET"), ("route", "unmatched"), ("status", "404"))] == 1
+    assert counts[(("method", "GET"), ("route", "/healthz"), ("status", "200"))] == 1
+    assert not any("a" * 32 in dict(labels)["route"] for labels in counts)
+
+
 def test_readyz_is_503_without_a_valid_model(tmp_path: Path, redis_url: str) -> None:
     empty = tmp_path / "no-models"
     empty.mkdir()

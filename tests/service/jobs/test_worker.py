@@ -321,3 +321,34 @@ def test_reader_processes_give_the_same_heatmap_and_few_open_pools(client: TestC
         assert worker.open_readers == 2 and closed == [opened[0]]
     finally:
         worker.close()
+
+
+def test_metrics_count_job_outcomes_and_time_runs_and_queue_waits(client: TestClient, settings: Settings,
+                                                                  slides_dir: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    assert before[("pixelcam_job_runs_total", (("outcome", "done"),))] == 0
+    done = submit(client, slides_dir)
+    time.sleep(0.3)  # a measurable queue wait
+    Worker(settings).run(burst=True)
+    assert job_state(client, done["job_id"])["state"] == constants.STATE_DONE
+    cancelled = submit(client, slides_dir, {"min_tissue": 0.5})
+    client.post(f"/v1/jobs/{cancelled['job_id']}/cancel")
+    after = scrape()
+    runs = {o: after[("pixelcam_job_runs_total", (("outcome", o),))] for o in ("done", "cancelled", "failed")}
+    assert runs == {"done": 1, "cancelled": 1, "failed": 0}
+    assert after[("pixelcam_job_seconds_count", (("outcome", "done"),))] == 1
+    record = client.get(f"/v1/jobs/{done['job_id']}").json()
+    took = after[("pixelcam_job_seconds_sum", (("outcome", "done"),))]
+    assert 0.3 <= took <= 600 and took == pytest.approx(record["finished_at"] - record["created_at"], abs=0.01)
+    assert after[("pixelcam_queue_wait_seconds_count", ())] == 1  # the cancelled job never started
+    assert 0.3 <= after[("pixelcam_queue_wait_seconds_sum", ())] < took
+    inf = after[("pixelcam_job_seconds_bucket", (("le", "+Inf"), ("outcome", "done")))]
+    one_s = after[("pixelcam_job_seconds_bucket", (("le", "1.0"), ("outcome", "done")))]
+    assert inf == 1 and one_s <= inf  # cumulative buckets
