@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ErrorPublic",
+    "file_response",
     "SlidePublic",
     "AnalysisOptionsIn",
     "JobCreate",
@@ -25,6 +26,14 @@ __all__ = [
     "DefaultModelUpdate",
     "HealthPublic",
 ]
+
+
+def file_response(description: str, *media_types: str) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI 200 for a route that answers bytes, not JSON: its media types (binary unless text)."""
+    def schema(media: str) -> dict[str, str]:
+        textual = media.startswith("text/") or media.endswith(("xml", "json"))
+        return {"type": "string"} if textual else {"type": "string", "format": "binary"}
+    return {200: {"description": description, "content": {m: {"schema": schema(m)} for m in media_types}}}
 
 
 class ErrorPublic(BaseModel):

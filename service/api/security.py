@@ -117,7 +117,8 @@ class RateLimiter:
         return [who for who, _ in self._buckets.items()]
 
 
-def _is_open(path: str) -> bool:
+def is_open_path(path: str) -> bool:
+    """Routes answered without a key: health, readiness, metrics, the index page and static files."""
     return path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES)
 
 
@@ -174,7 +175,7 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        open_path = _is_open(path) or scope.get("method") == "OPTIONS"
+        open_path = is_open_path(path) or scope.get("method") == "OPTIONS"
         principal: Principal | None = ANONYMOUS
         token, from_query = "", False
         if self._keys:

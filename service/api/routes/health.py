@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import ModelsDep, QueueDep, SettingsDep
-from service.api.schemas import HealthPublic
+from service.api.schemas import HealthPublic, file_response
 from service.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def readyz(queue: QueueDep, models: ModelsDep, settings: SettingsDep) -> JSONRes
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response,
+            responses=file_response("Prometheus text exposition", "text/plain; version=0.0.4"))
 def metrics(request: Request) -> Response:
     """Prometheus metrics: jobs by state, tiles/s, queue depth, batch fill, inference latency."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

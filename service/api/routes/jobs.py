@@ -23,7 +23,14 @@ from service.analysis.plan import WORKER_OPTION_KEYS, AnalysisOptions
 from service.api.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
 from service.api.routes.slides import receive_slide
 from service.api.routes.tiles import TileState, TileStateDep, forget_cached
-from service.api.schemas import AnalysisOptionsIn, ErrorPublic, JobCreate, JobPublic, JobsPublic
+from service.api.schemas import (
+    AnalysisOptionsIn,
+    ErrorPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    file_response,
+)
 from service.api.security import (
     ANONYMOUS,
     Principal,
@@ -55,6 +62,11 @@ router = APIRouter(tags=["jobs"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 422: {"model": ErrorPublic},
     429: {"model": ErrorPublic},
+}
+# asking again for a job that exists (same slide, model and parameters) answers it with 200 instead of 202
+_SAME_JOB: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobPublic, "description": "the same job already exists (same slide, model and parameters): "
+                                             "its current state; nothing is queued again"},
 }
 _SUBMIT_LOCK = threading.Lock()  # the per-key job limit is checked and the job created as one step
 _LIMIT_RETRY_S = 10.0
@@ -158,7 +170,7 @@ def _respond(response: Response, record: dict[str, str], created: bool) -> JobPu
     return job_public(record)
 
 
-@router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses=_ERRORS)
+@router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses={**_ERRORS, **_SAME_JOB})
 def create_job(body: JobCreate, request: Request, response: Response, queue: QueueDep, slides: SlideStoreDep,
                models: ModelsDep, settings: SettingsDep) -> JobPublic:
     """Analyse an uploaded slide; the same slide, model and parameters return the existing job."""
@@ -167,7 +179,7 @@ def create_job(body: JobCreate, request: Request, response: Response, queue: Que
     return _respond(response, record, created)
 
 
-@router.post("/v1/analyze", response_model=JobPublic, status_code=202, responses=_ERRORS)
+@router.post("/v1/analyze", response_model=JobPublic, status_code=202, responses={**_ERRORS, **_SAME_JOB})
 async def upload_and_analyze(
     request: Request,
     response: Response,
@@ -298,7 +310,8 @@ async def _events(queue: JobQueue, job_id: str, poll_s: float) -> AsyncIterator[
         await asyncio.sleep(poll_s)
 
 
-@router.get("/v1/jobs/{job_id}/events", responses=_ERRORS,
+@router.get("/v1/jobs/{job_id}/events", responses={**_ERRORS, **file_response(
+    "server-sent events: `progress` per change, then `end`", "text/event-stream")},
             response_class=StreamingResponse)
 def job_events(job_id: str, queue: QueueDep) -> StreamingResponse:
     """Progress as server-sent events (text/event-stream) until the job ends."""

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from service import constants
 from service.api.deps import QueueDep, SettingsDep
-from service.api.schemas import ErrorPublic
+from service.api.schemas import ErrorPublic, file_response
 from service.errors import ResultNotReady
 from service.jobs.queue import JobQueue
 from service.jobs.storage import job_dir
@@ -52,7 +52,9 @@ def get_result(job_id: str, queue: QueueDep, settings: SettingsDep) -> JSONRespo
     return JSONResponse(result)
 
 
-@router.get("/geojson", responses=_ERRORS)
+@router.get("/geojson", responses={**_ERRORS, **file_response(
+    "QuPath GeoJSON (a FeatureCollection); gzip with ?download=true", "application/geo+json", "application/gzip")},
+    response_class=Response)
 def get_geojson(
     job_id: str,
     request: Request,
@@ -72,14 +74,16 @@ def get_geojson(
     return Response(data, media_type="application/geo+json", headers={"Vary": "Accept-Encoding"})
 
 
-@router.get("/heatmap.png", responses=_ERRORS, response_class=FileResponse)
+@router.get("/heatmap.png", responses={**_ERRORS, **file_response("the heatmap over a slide thumbnail", "image/png")},
+            response_class=FileResponse)
 def get_heatmap_png(job_id: str, queue: QueueDep, settings: SettingsDep) -> FileResponse:
     """The heatmap over a thumbnail of the slide (PNG)."""
     path, _ = _result_file(queue, settings, job_id, "heatmap.png", "overlay.png")
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/heatmap.tif", responses=_ERRORS, response_class=FileResponse)
+@router.get("/heatmap.tif", responses={**_ERRORS, **file_response("the pyramidal heatmap TIFF", "image/tiff")},
+            response_class=FileResponse)
 def get_heatmap_tif(job_id: str, queue: QueueDep, settings: SettingsDep) -> FileResponse:
     """The slide-level probability heatmap as a tiled pyramidal TIFF."""
     path, _ = _result_file(queue, settings, job_id, "heatmap.tif")

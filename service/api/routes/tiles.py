@@ -26,7 +26,7 @@ from fastapi import Path as PathParam
 from service import constants
 from service.analysis.pipeline import partial_heatmap
 from service.api.deps import QueueDep, SettingsDep, SlideStoreDep
-from service.api.schemas import ErrorPublic
+from service.api.schemas import ErrorPublic, file_response
 from service.errors import InvalidRequest, NotFoundError, ResultNotReady
 from service.jobs.storage import SlideStore, job_dir
 from service.lru import LRUCache
@@ -242,7 +242,8 @@ ColParam = Annotated[int, PathParam(ge=0, description="tile column")]
 RowParam = Annotated[int, PathParam(ge=0, description="tile row")]
 
 
-@router.get("/v1/slides/{slide_id}.dzi", responses=_ERRORS, response_class=Response)
+@router.get("/v1/slides/{slide_id}.dzi", responses={**_ERRORS, **file_response("Deep Zoom descriptor", "application/xml")},
+            response_class=Response)
 def slide_dzi(slide_id: str, request: Request, store: SlideStoreDep, state: TileStateDep) -> Response:
     """Deep Zoom descriptor (XML) of a slide: level-0 size, tile 254, overlap 1, JPEG."""
     info, _ = state.slides.info(_slide_path(state, store, slide_id))
@@ -251,7 +252,9 @@ def slide_dzi(slide_id: str, request: Request, store: SlideStoreDep, state: Tile
                             "application/xml", xml.encode)
 
 
-@router.get("/v1/slides/{slide_id}_files/{level}/{col}_{row}.{fmt}", responses=_ERRORS, response_class=Response)
+@router.get("/v1/slides/{slide_id}_files/{level}/{col}_{row}.{fmt}",
+            responses={**_ERRORS, **file_response("a Deep Zoom tile of the slide", "image/jpeg", "image/png")},
+            response_class=Response)
 def slide_tile(slide_id: str, level: LevelParam, col: ColParam, row: RowParam, fmt: Literal["jpeg", "jpg", "png"],
                request: Request, store: SlideStoreDep, state: TileStateDep) -> Response:
     """One Deep Zoom tile of a slide, read from the best pyramid level."""
@@ -353,7 +356,9 @@ def _check_cmap(cmap: str) -> None:
         raise InvalidRequest(f"unknown colour map {cmap!r}; choose one of {', '.join(COLORMAPS)}")
 
 
-@router.get("/v1/jobs/{job_id}/overlay.dzi", responses=_ERRORS, response_class=Response)
+@router.get("/v1/jobs/{job_id}/overlay.dzi",
+            responses={**_ERRORS, **file_response("Deep Zoom descriptor of the heatmap overlay", "application/xml")},
+            response_class=Response)
 def overlay_dzi(job_id: str, request: Request, queue: QueueDep, settings: SettingsDep, store: SlideStoreDep,
                 state: TileStateDep, cmap: CmapQuery = "jet", threshold: ThresholdQuery = 0.5) -> Response:
     """Deep Zoom descriptor of the job's heatmap overlay: the slide's level-0 size, transparent PNG tiles."""
@@ -364,7 +369,9 @@ def overlay_dzi(job_id: str, request: Request, queue: QueueDep, settings: Settin
                             "application/xml", xml.encode)
 
 
-@router.get("/v1/jobs/{job_id}/overlay_files/{level}/{col}_{row}.png", responses=_ERRORS, response_class=Response)
+@router.get("/v1/jobs/{job_id}/overlay_files/{level}/{col}_{row}.png",
+            responses={**_ERRORS, **file_response("a transparent Deep Zoom tile of the heatmap", "image/png")},
+            response_class=Response)
 def overlay_tile(job_id: str, level: LevelParam, col: ColParam, row: RowParam, request: Request, queue: QueueDep,
                  settings: SettingsDep, store: SlideStoreDep, state: TileStateDep, cmap: CmapQuery = "jet",
                  threshold: ThresholdQuery = 0.5) -> Response:

@@ -203,6 +203,32 @@ def test_http_requests_are_timed_by_route_template_not_by_id(client: TestClient)
     assert not any("a" * 32 in dict(labels)["route"] for labels in counts)
 
 
+def test_openapi_declares_media_types_the_repeated_job_and_the_bearer_keys(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+
+    def media(path: str, method: str = "get") -> set[str]:
+        return set(paths[path][method]["responses"]["200"].get("content", {}))
+
+    assert media("/v1/jobs/{job_id}/heatmap.png") == {"image/png"}
+    assert media("/v1/jobs/{job_id}/heatmap.tif") == {"image/tiff"}
+    assert media("/v1/jobs/{job_id}/geojson") == {"application/geo+json", "application/gzip"}
+    assert media("/v1/slides/{slide_id}_files/{level}/{col}_{row}.{fmt}") == {"image/jpeg", "image/png"}
+    assert media("/v1/jobs/{job_id}/overlay_files/{level}/{col}_{row}.png") == {"image/png"}
+    assert media("/v1/slides/{slide_id}.dzi") == {"application/xml"}
+    assert media("/v1/jobs/{job_id}/events") == {"text/event-stream"}
+    assert media("/metrics") == {"text/plain; version=0.0.4"}
+    png = paths["/v1/jobs/{job_id}/heatmap.png"]["get"]["responses"]["200"]["content"]["image/png"]["schema"]
+    assert png == {"type": "string", "format": "binary"}
+    for route in ("/v1/jobs", "/v1/analyze"):  # 202 queued, 200 the same job again
+        assert {"200", "202"} <= set(paths[route]["post"]["responses"])
+    assert set(paths["/v1/jobs/{job_id}"]["delete"]["responses"]) >= {"204", "409"}
+    assert doc["components"]["securitySchemes"]["bearer"] == {**doc["components"]["securitySchemes"]["bearer"],
+                                                             "type": "http", "scheme": "bearer"}
+    assert doc["security"] == [{}, {"bearer": []}]  # an open server: the key is optional
+    assert paths["/healthz"]["get"]["security"] == [] and "security" not in paths["/v1/jobs"]["post"]
+
+
 def test_readyz_is_503_without_a_valid_model(tmp_path: Path, redis_url: str) -> None:
     empty = tmp_path / "no-models"
     empty.mkdir()

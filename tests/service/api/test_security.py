@@ -276,3 +276,9 @@ def test_a_key_deletes_only_its_own_share_of_a_slide(client: TestClient, keyed: 
     assert (keyed.slides_dir / slide_id).is_dir()
     assert client.delete(f"/v1/slides/{slide_id}", headers=auth(KEY_B)).status_code == 204  # the last owner
     assert not (keyed.slides_dir / slide_id).exists() and not (keyed.jobs_dir / job_b).exists()
+
+
+def test_openapi_requires_the_bearer_key_when_keys_are_set(client: TestClient) -> None:
+    doc = client.get("/openapi.json", headers=auth(KEY_A)).json()
+    assert doc["security"] == [{"bearer": []}] and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert doc["paths"]["/metrics"]["get"]["security"] == []
