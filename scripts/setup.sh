@@ -15,5 +15,6 @@ fi
 # torch is pinned in the `train` extra. pip takes a local CPU wheel when its config points at one; from PyPI alone
 # Linux gets the CUDA build (GBs): point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index for the CPU one.
 "$VENV/bin/pip" install -q -e ".[cpu,train,dev]"
-# The viewer's OpenSeadragon comes from its npm package (pinned in package.json), never copied into the repo.
+# The viewer's OpenSeadragon and the API docs' Swagger UI come from npm (pinned in package.json), never copied
+# into the repo.
 npm install --no-audit --no-fund --silent

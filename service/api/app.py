@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import redis
 from fastapi import Depends, FastAPI, Request
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import errors
 from service.api.metrics import HttpMetrics, QueueCollector, http_histogram
 from service.api.routes import health, jobs, models, results, slides, tiles, viewer
-from service.api.security import SecurityMiddleware, authorize, install_log_redaction
+from service.api.security import SecurityMiddleware, authorize, install_log_redaction, is_open_path
 from service.jobs.queue import JobQueue, connect
 from service.jobs.storage import ModelRegistry, SlideStore
 from service.settings import Settings
@@ -106,6 +107,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="PixelCAM whole-slide inference: slide class, heatmap and QuPath GeoJSON",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs is served by the viewer router with local Swagger UI assets (no CDN)
+        redoc_url=None,
         dependencies=[Depends(authorize)],  # ids in the path must belong to the caller's key
     )
     app.state.settings = settings
@@ -125,7 +128,32 @@ def create_app(settings: Settings) -> FastAPI:
     for router in (tiles.router, viewer.router, slides.router, jobs.router, results.router, models.router,
                    health.router):
         app.include_router(router)
+    _document_security(app, keys_required=bool(settings.api_key_list))
     return app
+
+
+def _document_security(app: FastAPI, keys_required: bool) -> None:
+    """Declare the Bearer keys in the OpenAPI document: required on every guarded route when keys are set
+    (optional otherwise), none on the open ones (health, metrics, static files)."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "one of PIXELCAM_API_KEYS (the viewer may pass it once as ?api_key=); "
+                           "not needed when the server runs without keys"}}
+        schema["security"] = [{"bearer": []}] if keys_required else [{}, {"bearer": []}]
+        for path, operations in schema.get("paths", {}).items():
+            if is_open_path(path):
+                for operation in operations.values():
+                    operation["security"] = []
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI) -> None:

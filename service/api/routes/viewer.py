@@ -1,7 +1,8 @@
 """The built-in web viewer: `/` (upload and recent jobs), `/viewer/{slide_id}?job=` and its static files.
 
 OpenSeadragon comes from its npm package (`npm install` in `scripts/setup.sh`), served from
-`node_modules/openseadragon/build/openseadragon/`; it is never copied into the repository.
+`node_modules/openseadragon/build/openseadragon/`; it is never copied into the repository. The API docs at
+`/docs` are Swagger UI from the `swagger-ui-dist` npm package in the same way, so they work offline.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 from pathlib import Path
 
 from fastapi import APIRouter
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from service.api.deps import SlideStoreDep
@@ -17,7 +19,7 @@ from service.errors import NotFoundError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATIC_DIR", "osd_dir", "router"]
+__all__ = ["STATIC_DIR", "osd_dir", "router", "swagger_dir"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"  # service/static
 _REPO_ROOT = Path(__file__).resolve().parents[3]  # above the service package
@@ -34,6 +36,11 @@ class AssetNotFound(NotFoundError):
 def osd_dir() -> Path:
     """Where OpenSeadragon's build lies after `npm install` at the repository root."""
     return _REPO_ROOT / "node_modules" / "openseadragon" / "build" / "openseadragon"
+
+
+def swagger_dir() -> Path:
+    """Where Swagger UI's files lie after `npm install` at the repository root."""
+    return _REPO_ROOT / "node_modules" / "swagger-ui-dist"
 
 
 def _file_under(root: Path, relative: str) -> Path:
@@ -80,6 +87,24 @@ def openseadragon_asset(path: str) -> FileResponse:
             "(scripts/setup.sh does it)"
         )
     return _asset(osd_dir(), path, "public, max-age=86400")
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def api_docs() -> HTMLResponse:
+    """Swagger UI over /openapi.json, with its scripts served here (no CDN)."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="pixelcam API",
+                               swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                               swagger_css_url="/static/swagger/swagger-ui.css",
+                               swagger_favicon_url="/static/swagger/favicon-32x32.png")
+
+
+@router.get("/static/swagger/{path:path}")
+def swagger_asset(path: str) -> FileResponse:
+    """Swagger UI's files from its npm package."""
+    if not swagger_dir().is_dir():
+        raise AssetNotFound(f"Swagger UI is not installed at {swagger_dir()}; run `npm install` at the repository "
+                            "root (scripts/setup.sh does it)")
+    return _asset(swagger_dir(), path, "public, max-age=86400")
 
 
 @router.get("/static/viewer/{path:path}")

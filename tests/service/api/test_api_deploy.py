@@ -78,3 +78,5 @@ def test_api_image_puts_the_viewer_assets_where_the_installed_viewer_looks() -> 
     relative = viewer.osd_dir().relative_to(Path(viewer.__file__).resolve().parents[3])
     assert re.search(rf"^\s*{re.escape(f'{site}/{relative.as_posix()}')}\s*$", text, flags=re.M)
     assert "FROM python:3.11-slim" in text and "npm ci" in text
+    swagger = viewer.swagger_dir().relative_to(Path(viewer.__file__).resolve().parents[3])
+    assert re.search(rf"^\s*{re.escape(f'{site}/{swagger.as_posix()}')}\s*$", text, flags=re.M)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +240,17 @@ def test_a_job_version_heatmap_is_loaded_once_under_concurrent_tiles(monkeypatch
     tiles.heatmap_for(state, ("job", "1", "running", "4"), tmp_path, {})
     assert len(calls) == 2, "a new chunk makes a new version"
     assert state.loading == {}
+
+
+def test_api_docs_load_swagger_ui_from_this_server(client: TestClient) -> None:
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    scripts = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert "/static/swagger/swagger-ui-bundle.js" in scripts and "/static/swagger/swagger-ui.css" in scripts
+    assert all(s.startswith("/") for s in scripts), scripts  # nothing from a CDN: /docs works offline
+    bundle = client.get("/static/swagger/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert "SwaggerUIBundle" in bundle.text[-200_000:] or "SwaggerUIBundle" in bundle.text[:200_000]
+    assert client.get("/static/swagger/swagger-ui.css").headers["content-type"].startswith("text/css")
+    assert client.get("/static/swagger/..%2F..%2Fpackage.json").status_code == 404
+    assert client.get("/redoc").status_code == 404  # ReDoc would come from a CDN: not offered
