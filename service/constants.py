@@ -14,6 +14,7 @@ JOB_DONE_KEY: Final = "job:{job_id}:done:{generation}"  # set of finished chunk 
 JOB_FAILURES_KEY: Final = "job:{job_id}:failures:{generation}"  # hash: chunk id -> failed attempts
 JOB_WORKERS_KEY: Final = "job:{job_id}:workers:{generation}"  # hash: worker name -> chunks it finished
 JOB_FINALIZE_FLAG_KEY: Final = "job:{job_id}:finalize:{generation}"  # SET NX: the finalize message went out
+JOB_PENDING_KEY: Final = "job:{job_id}:pending:{generation}"  # list: chunks not yet on the stream (fairness)
 STATS_KEY: Final = "stats"  # hash: counters the workers publish for /metrics
 WORKERS_KEY: Final = "workers:alive"  # sorted set: consumer name -> last heartbeat (s)
 OWNER_SLIDES_KEY: Final = "owner:{key_id}:slides"  # set: slide ids uploaded with one API key

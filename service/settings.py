@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address the API binds")
     port: int = Field(default=8000, ge=1, le=65535, description="port the API binds")
     chunk_size: int = Field(default=64, gt=0, description="tiles per queue message")
+    chunks_in_flight: int = Field(default=8, gt=0, description=(
+        "chunks of one job on the queue at once; the next is queued as one finishes, so a huge job's backlog "
+        "never stands in front of another job's chunks"))
     batch_size: int = Field(default=16, gt=0, description="tiles per inference batch")
     reader_processes: int = Field(default=0, ge=0, description="tile decoding processes per worker (TIFF slides); "
                                   "0: threads. Worth it with many cores and a GPU (docs/analysis.md)")

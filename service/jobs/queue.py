@@ -25,9 +25,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["JobQueue", "Message", "connect"]
 
-# KEYS: job, done set, finalize flag, stream, workers hash.
+# KEYS: job, done set, finalize flag, stream, workers hash, pending chunks list.
 # ARGV: generation, chunk id, n tiles, message id, group, job id, worker name.
 # Returns [newly_done (0/1), finalize_enqueued (0/1)].
+# A newly done chunk of a running job puts the job's next pending chunk on the stream (at its end), so every job
+# keeps at most `chunks_in_flight` messages queued and jobs take turns, chunk by chunk.
 _COMPLETE_CHUNK = """
 if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then
   redis.call('XACK', KEYS[4], ARGV[5], ARGV[4]); redis.call('XDEL', KEYS[4], ARGV[4])
@@ -42,6 +44,14 @@ end
 redis.call('XACK', KEYS[4], ARGV[5], ARGV[4]); redis.call('XDEL', KEYS[4], ARGV[4])
 local total = tonumber(redis.call('HGET', KEYS[1], 'chunks_total') or '-1')
 local state = redis.call('HGET', KEYS[1], 'state')
+if added == 1 and state == 'running' then
+  local nxt = redis.call('LPOP', KEYS[6])
+  if nxt then
+    local c, a, b = string.match(nxt, '^(%d+):(%d+):(%d+)$')
+    redis.call('XADD', KEYS[4], '*', 'kind', 'chunk', 'job_id', ARGV[6], 'generation', ARGV[1],
+               'chunk_id', c, 'start', a, 'stop', b)
+  end
+end
 if total >= 0 and redis.call('SCARD', KEYS[2]) >= total and state == 'running' then
   if redis.call('SET', KEYS[3], '1', 'NX') then
     redis.call('XADD', KEYS[4], '*', 'kind', 'finalize', 'job_id', ARGV[6], 'generation', ARGV[1])
@@ -121,6 +131,9 @@ class JobQueue:
 
     def _flag_key(self, job_id: str, generation: str) -> str:
         return self.settings.key(constants.JOB_FINALIZE_FLAG_KEY, job_id=job_id, generation=generation)
+
+    def _pending_key(self, job_id: str, generation: str) -> str:
+        return self.settings.key(constants.JOB_PENDING_KEY, job_id=job_id, generation=generation)
 
     # --- setup ------------------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -288,10 +301,14 @@ class JobQueue:
                     pipe.multi()
                     pipe.hset(key, mapping={"chunks_total": str(len(ranges)),
                                             "tiles_total": str(sum(len(r) for r in ranges))})
-                    for chunk_id, rng in enumerate(ranges):
+                    window = self.settings.chunks_in_flight
+                    for chunk_id, rng in enumerate(ranges[:window]):
                         pipe.xadd(self.stream, {"kind": constants.MSG_CHUNK, "job_id": job_id, "generation": generation,
                                                 "chunk_id": str(chunk_id), "start": str(rng.start),
                                                 "stop": str(rng.stop)})
+                    pending = [f"{c}:{r.start}:{r.stop}" for c, r in enumerate(ranges) if c >= window]
+                    for at in range(0, len(pending), 10_000):  # the rest wait in the job's list
+                        pipe.rpush(self._pending_key(job_id, generation), *pending[at : at + 10_000])
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -314,7 +331,8 @@ class JobQueue:
         """Mark a chunk done and acknowledge it; returns (newly done, this call queued the finalize)."""
         keys = [self.job_key(msg.job_id), self._done_key(msg.job_id, msg.generation),
                 self._flag_key(msg.job_id, msg.generation), self.stream,
-                self.settings.key(constants.JOB_WORKERS_KEY, job_id=msg.job_id, generation=msg.generation)]
+                self.settings.key(constants.JOB_WORKERS_KEY, job_id=msg.job_id, generation=msg.generation),
+                self._pending_key(msg.job_id, msg.generation)]
         args = [msg.generation, str(msg.chunk_id), str(n_tiles), msg.msg_id, constants.GROUP_NAME, msg.job_id,
                 worker or "unknown"]
         added, finalize = self._complete(keys=keys, args=args)

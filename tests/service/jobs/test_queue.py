@@ -128,6 +128,7 @@ def test_unknown_job_is_not_found(queue: JobQueue) -> None:
 
 
 def test_a_dead_workers_message_behind_many_live_ones_is_found(queue: JobQueue) -> None:
+    queue.settings = queue.settings.model_copy(update={"chunks_in_flight": 64})  # all 30 chunks on the stream
     job_id = "7" * 32
     queue.submit(job_id, FIELDS)
     _plan(queue, job_id, [range(i, i + 1) for i in range(30)])
@@ -140,3 +141,26 @@ def test_a_dead_workers_message_behind_many_live_ones_is_found(queue: JobQueue) 
             queue.touch("live", msg)
     got = [queue.read("thief", block_ms=10) for _ in range(4)]
     assert dead.msg_id in [m.msg_id for m in got if m is not None]
+
+
+def test_jobs_take_turns_so_a_huge_backlog_never_blocks_a_small_job(queue: JobQueue) -> None:
+    """A job keeps at most `chunks_in_flight` messages queued; each finished chunk queues its next one at the end
+    of the stream, so a small job submitted behind a 200-chunk job waits for a few chunks, not for 200."""
+    window = queue.settings.chunks_in_flight
+    huge, small = "1" * 32, "2" * 32
+    queue.submit(huge, FIELDS)
+    queue.submit(small, {**FIELDS, "slide_id": "c" * 64})
+    _plan(queue, huge, [range(i, i + 1) for i in range(200)])
+    _plan(queue, small, [range(0, 1), range(1, 2)])
+    assert queue.depth()[0] == window + 2  # the huge job's backlog waits in its own list
+    served: list[str] = []
+    while (msg := queue.read("w", block_ms=10)) is not None:  # one worker, taking messages in stream order
+        if msg.kind == constants.MSG_CHUNK:
+            served.append(msg.job_id)
+            queue.complete_chunk(msg, 1, "w")
+        else:
+            queue.ack(msg)
+    assert served.count(huge) == 200 and served.count(small) == 2  # every chunk ran exactly once
+    last_small = max(i for i, j in enumerate(served) if j == small)
+    assert last_small <= window + 1, served[: window + 4]  # before: 201 (every huge chunk first)
+    assert queue.get(huge)["chunks_done"] == "200" and queue.get(small)["chunks_done"] == "2"

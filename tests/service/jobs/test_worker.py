@@ -352,3 +352,17 @@ def test_metrics_count_job_outcomes_and_time_runs_and_queue_waits(client: TestCl
     inf = after[("pixelcam_job_seconds_bucket", (("le", "+Inf"), ("outcome", "done")))]
     one_s = after[("pixelcam_job_seconds_bucket", (("le", "1.0"), ("outcome", "done")))]
     assert inf == 1 and one_s <= inf  # cumulative buckets
+
+
+def test_a_small_job_submitted_behind_a_huge_one_finishes_first(client: TestClient, settings: Settings,
+                                                                slides_dir: Path) -> None:
+    huge = submit(client, slides_dir, {"inference": "tiles", "overlap": 0.75})  # ~300 tiles, ~80 chunks
+    small = submit(client, slides_dir, {"inference": "tiles"})  # 20 tiles, 5 chunks, queued after it
+    Worker(settings).run(burst=True)  # one worker, taking messages in queue order
+    h, s = job_state(client, huge["job_id"]), job_state(client, small["job_id"])
+    assert h["state"] == s["state"] == constants.STATE_DONE
+    assert h["chunks_total"] > 10 * s["chunks_total"] > 0
+    # before: the small job's chunks sat behind every chunk of the huge one and it ended last
+    assert s["finished_at"] < h["finished_at"]
+    huge_time = h["finished_at"] - h["started_at"]
+    assert s["finished_at"] - s["created_at"] < 0.5 * huge_time, (s, h)
