@@ -339,7 +339,8 @@ def finalize_job(
     missing = int((~index.present).sum())
     if missing:
         raise PipelineError(
-            f"{missing} of {len(plan)} tiles have no chunk output in {folder}; run their chunks first"
+            f"{missing} of {len(plan)} tiles have no chunk output in the job's folder (their chunks did not run, or "
+            "the storage lost their files); run those chunks, or resubmit the job"
         )
     provenance = _provenance(plan, model_meta, model_sha256)
     heatmap = write_heatmap(plan, index, folder, out, model_sha256)

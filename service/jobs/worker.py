@@ -192,8 +192,15 @@ class Worker:
             self.queue.ack(msg)
 
     def _fail(self, msg: Message, reason: str) -> None:
-        self.queue.fail(msg.job_id, msg.generation, reason)
+        self.queue.fail(msg.job_id, msg.generation, self._public(reason))
         self.queue.ack(msg)
+
+    def _public(self, reason: str) -> str:
+        """A job's error as its users read it: the server's storage paths replaced by what they are."""
+        for folder, name in ((self.settings.jobs_dir, "<job storage>"), (self.settings.slides_dir, "<slide storage>"),
+                             (self.settings.storage_dir, "<storage>")):
+            reason = reason.replace(str(folder.resolve()), name).replace(str(folder), name)
+        return reason
 
     def _retry_later(self, msg: Message, err: Exception) -> None:
         attempts = self.queue.record_failure(msg.job_id, msg.generation, msg.chunk_id)
@@ -204,6 +211,9 @@ class Worker:
             hint = ""
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 hint = "; the shared storage is full: free space there, then resubmit the job"
+            elif isinstance(err, OSError):
+                hint = "; the shared storage could not be written or read: check that it is mounted and writable, " \
+                       "then resubmit the job"
             self._fail(msg, f"{what} failed {attempts} times; last error: {type(err).__name__}: {err}{hint}")
         # else: left unacknowledged; any worker reclaims it after claim_idle_s (a natural backoff)
 

@@ -162,7 +162,7 @@ def test_chunks_in_any_order_and_redone_give_the_same_result(
     probs, hm_downsample = partial_heatmap(job)
     assert hm_downsample == plan.hm_downsample
     assert np.isfinite(probs).any() and np.isnan(probs).any()
-    with pytest.raises(PipelineError, match="run their chunks first"):
+    with pytest.raises(PipelineError, match="run those chunks, or resubmit the job"):
         finalize_job(job, loaded, random_predictor.metadata, random_predictor.sha256)
     for c, out in outs.items():
         save_chunk(job, c, out)
