@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address the API binds")
     port: int = Field(default=8000, ge=1, le=65535, description="port the API binds")
     chunk_size: int = Field(default=64, gt=0, description="tiles per queue message")
+    retention_days: float = Field(default=0.0, ge=0, description=(
+        "delete ended jobs this many days after they ended, and slides this long after their last upload once "
+        "no job uses them (0: keep everything until it is deleted)"))
+    retention_sweep_s: float = Field(default=3600.0, gt=0, description="how often the API looks for expired data")
     chunks_in_flight: int = Field(default=8, gt=0, description=(
         "chunks of one job on the queue at once; the next is queued as one finishes, so a huge job's backlog "
         "never stands in front of another job's chunks"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -97,9 +98,18 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.metrics = QueueCollector(queue)
         app.state.metrics.registry.register(app.state.http_histogram)
         logger.info("api ready (storage %s, redis prefix %s)", settings.storage_dir, settings.redis_prefix)
+        stop = threading.Event()
+        sweeper = None
+        if settings.retention_days > 0:
+            sweeper = threading.Thread(target=_retention_loop, args=(app, stop), name="pixelcam-retention",
+                                       daemon=True)
+            sweeper.start()
         try:
             yield
         finally:
+            stop.set()
+            if sweeper is not None:
+                sweeper.join(timeout=10)
             client.close()
 
     app = FastAPI(
@@ -130,6 +140,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     _document_security(app, keys_required=bool(settings.api_key_list))
     return app
+
+
+def _retention_loop(app: FastAPI, stop: threading.Event) -> None:
+    """Delete expired jobs and slides every `retention_sweep_s` until the app stops (errors are logged)."""
+    settings: Settings = app.state.settings
+    while not stop.wait(settings.retention_sweep_s):
+        try:
+            jobs.sweep_expired(app.state.queue, settings, app.state.slides, getattr(app.state, "tiles", None))
+        except Exception:
+            logger.exception("retention sweep failed; trying again in %g s", settings.retention_sweep_s)
 
 
 def _document_security(app: FastAPI, keys_required: bool) -> None:

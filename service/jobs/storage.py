@@ -7,6 +7,7 @@ of its bytes and only a whitelisted extension survives from the uploaded file na
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -139,6 +140,7 @@ class Upload:
                 raise InvalidUpload("the upload is empty; send the slide file as the request body")
             existing = self.store.find(slide_id)
             if existing is not None:
+                self.store.touch(slide_id)  # uploaded again: the retention clock starts over
                 return existing
             if self.ext in _MULTI_FILE:
                 raise InvalidUpload(
@@ -185,6 +187,21 @@ class SlideStore:
         or allocate without end costs one child, killed at the deadline, and the next upload is not affected.
         """
         return inspect_isolated(path, self.inspect_timeout_s, self.inspect_memory_bytes)
+
+    def touch(self, slide_id: str) -> None:
+        """Mark the slide as uploaded now (its info file's time is the retention clock)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.root / slide_id / "info.json")
+
+    def ids_older_than(self, cutoff_s: float) -> list[str]:
+        """Ids of the stored slides last uploaded before `cutoff_s` (seconds since the epoch)."""
+        out = []
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            info = folder / "info.json"
+            with contextlib.suppress(OSError):
+                if is_sha256(folder.name) and info.stat().st_mtime < cutoff_s:
+                    out.append(folder.name)
+        return out
 
     def delete(self, slide_id: str) -> None:
         """Remove the stored slide's folder (the file and its info); SlideNotFound when there is none."""

@@ -288,11 +288,46 @@ def delete_slide(slide_id: str, request: Request, queue: QueueDep, slides: Slide
     return Response(status_code=204)
 
 
-def erase_job(queue: JobQueue, settings: Settings, state: TileState, job_id: str) -> None:
+def erase_job(queue: JobQueue, settings: Settings, state: TileState | None, job_id: str) -> None:
     """Everything of one ended job: Redis keys first (so no one finds it), then its folder and cached tiles."""
     queue.delete(job_id)
     remove_job_files(settings.jobs_dir, job_id)
-    forget_cached(state, job_id)
+    if state is not None:
+        forget_cached(state, job_id)
+
+
+def sweep_expired(queue: JobQueue, settings: Settings, slides: SlideStore, state: TileState | None,
+                  now: float | None = None) -> tuple[int, int]:
+    """Retention: delete ended jobs older than `retention_days`, then slides not uploaded within it that no job
+    uses any more. Returns (jobs, slides) deleted."""
+    cutoff = (time.time() if now is None else now) - settings.retention_days * 86400.0
+    job_ids = queue.list_ids(10_000_000)
+    with queue.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(queue.job_key(job_id), ["state", "finished_at", "slide_id"])
+        rows = pipe.execute()
+    jobs = slides_deleted = 0
+    in_use: set[str] = set()
+    for job_id, (st, finished, slide_id) in zip(job_ids, rows, strict=True):
+        if st in constants.TERMINAL_STATES and finished and float(finished) < cutoff:
+            with contextlib.suppress(JobNotFound, JobConflict):  # deleted or resubmitted meanwhile
+                erase_job(queue, settings, state, job_id)
+                jobs += 1
+        elif slide_id:
+            in_use.add(str(slide_id))
+    for slide_id in slides.ids_older_than(cutoff):
+        if slide_id in in_use:
+            continue
+        with contextlib.suppress(SlideNotFound):
+            slides.delete(slide_id)
+            queue.forget_slide(slide_id)
+            if state is not None:
+                forget_cached(state, slide_id)
+            slides_deleted += 1
+    if jobs or slides_deleted:
+        logger.info("retention (%g days): deleted %d job(s) and %d slide(s)", settings.retention_days, jobs,
+                    slides_deleted)
+    return jobs, slides_deleted
 
 
 async def _events(queue: JobQueue, job_id: str, poll_s: float) -> AsyncIterator[str]:

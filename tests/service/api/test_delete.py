@@ -101,3 +101,31 @@ def test_deleting_a_slide_removes_everything_made_from_it(client: TestClient, se
     Worker(settings).run(burst=True)
     assert not (settings.jobs_dir / queued).exists() and _redis_mentions(settings, queued) == []
     assert client.delete(f"/v1/slides/{slide_id}").status_code == 404
+
+
+def test_retention_deletes_ended_jobs_and_unused_slides_once_they_are_old(tmp_path: Path, redis_url: str,
+                                                                         shell_models_dir: Path,
+                                                                         slides_dir: Path) -> None:
+    import time
+
+    from tests.service.shell import make_settings
+
+    settings = make_settings(tmp_path, redis_url, shell_models_dir, retention_days=3 / 86400, retention_sweep_s=0.2)
+    with TestClient(create_app(settings)) as client:
+        slide_id = _upload(client, slides_dir)
+        done = _submit(client, slide_id)
+        Worker(settings).run(burst=True)
+        queued = _submit(client, slide_id, min_tissue=0.5)  # never run: it keeps the slide in use
+        deadline = time.monotonic() + 20
+        while client.get(f"/v1/jobs/{done}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get(f"/v1/jobs/{done}").status_code == 404 and not (settings.jobs_dir / done).exists()
+        assert client.get(f"/v1/jobs/{queued}").json()["state"] == constants.STATE_QUEUED  # unfinished: kept
+        assert client.get(f"/v1/slides/{slide_id}").status_code == 200  # a job still uses it
+        client.post(f"/v1/jobs/{queued}/cancel")
+        while client.get(f"/v1/slides/{slide_id}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get(f"/v1/slides/{slide_id}").status_code == 404
+        assert client.get(f"/v1/jobs/{queued}").status_code == 404
+        assert not (settings.slides_dir / slide_id).exists()
+        assert _redis_mentions(settings, slide_id, done, queued) == []
