@@ -17,4 +17,4 @@ fi
 "$VENV/bin/pip" install -q -e ".[cpu,train,dev]"
 # The viewer's OpenSeadragon and the API docs' Swagger UI come from npm (pinned in package.json), never copied
 # into the repo.
-npm install --no-audit --no-fund --silent
+npm install --no-audit --no-fund --silent --ignore-scripts  # plain files only; no package runs code
