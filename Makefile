@@ -1,4 +1,4 @@
-# Two commands matter: `make run` (set up, then serve the demo model on the embedded default)
+# Two commands matter: `make run` (set up, then serve the default model on the embedded default)
 # and `make test` (the test suite, exactly what CI runs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
