@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from service.lru import LRUCache
+from service.outputs.stitching import sample_mask
 
 __all__ = [
     "CHUNKS_DIR",
     "TISSUE_FILE",
+    "TissueGate",
     "ChunkIndex",
     "ChunkOutput",
     "PipelineError",
@@ -111,11 +113,47 @@ def chunk_files(job_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _CHUNK_RE.match(p.name))
 
 
-class ChunkIndex:
-    """Which chunk file holds each tile, plus the small per-tile outputs (class probabilities, fg mean)."""
+@dataclass(frozen=True)
+class TissueGate:
+    """Zeroes the fg cells of tiles whose centres fall off the tissue mask (glass, white background, or past the
+    slide's edge), so that everything built from the chunk files (heatmap, evidence, regions, GeoJSON tile means,
+    live partial heatmaps) says nothing on glass. Planes: `l0_` level-0 px, mask px = `l0_per_px` level-0 px."""
 
-    def __init__(self, job_dir: str | os.PathLike[str], n_tiles: int, n_classes: int) -> None:
+    mask: np.ndarray  # (h, w) bool
+    l0_per_px: float
+    l0_xy: np.ndarray  # (N, 2) the plan's tile corners
+    l0_tile_size: float
+    l0_size_wh: tuple[int, int]
+
+    def _cells(self, tiles: np.ndarray, fm: int) -> tuple[np.ndarray, np.ndarray]:
+        centres = (np.arange(fm) + 0.5) * self.l0_tile_size / fm
+        return self.l0_xy[tiles, 1, None] + centres, self.l0_xy[tiles, 0, None] + centres  # (n, fm) rows, cols
+
+    def apply(self, tiles: np.ndarray, fg: np.ndarray) -> np.ndarray:
+        """fg (n, fm, fm) of `tiles` with the cells off the tissue at 0."""
+        if fg.ndim != 3 or tiles.size == 0:
+            return fg
+        l0_y, l0_x = self._cells(tiles, fg.shape[1])
+        return np.where(sample_mask(self.mask, self.l0_per_px, l0_y, l0_x), fg, np.float32(0.0)).astype(np.float32)
+
+    def cells_on_slide(self, tiles: np.ndarray, fm: int) -> np.ndarray:
+        """(n,) how many of each tile's fm x fm cells have their centre on the slide."""
+        l0_y, l0_x = self._cells(tiles, fm)
+        w, h = self.l0_size_wh
+        return (l0_y < h).sum(axis=1) * (l0_x < w).sum(axis=1)
+
+
+class ChunkIndex:
+    """Which chunk file holds each tile, plus the small per-tile outputs (class probabilities, fg mean).
+
+    With a `gate`, every fg map it hands out is gated, and a tile's fg mean is over its cells on the slide.
+    """
+
+    def __init__(self, job_dir: str | os.PathLike[str], n_tiles: int, n_classes: int,
+                 gate: TissueGate | None = None) -> None:
+        self.gate = gate
         self.paths = chunk_files(job_dir)
+        self._tiles_of: list[np.ndarray] = []
         self.chunk_of = np.full(n_tiles, -1, np.int64)
         self.row_of = np.zeros(n_tiles, np.int64)
         self.class_probs = np.zeros((n_tiles, n_classes), np.float32)
@@ -129,10 +167,16 @@ class ChunkIndex:
                 raise PipelineError(
                     f"{path.name} names tiles outside the plan of {n_tiles}; was it from another job?"
                 )
+            self._tiles_of.append(t)
             self.chunk_of[t] = c
             self.row_of[t] = np.arange(t.size)
             self.class_probs[t] = out.class_probs
-            self.fg_mean[t] = out.fg_prob.reshape(t.size, -1).mean(axis=1) if t.size else 0.0
+            if t.size and gate is not None and out.fg_prob.ndim == 3:
+                fm = out.fg_prob.shape[1]
+                sums = gate.apply(t, out.fg_prob).reshape(t.size, -1).sum(axis=1)
+                self.fg_mean[t] = sums / np.maximum(gate.cells_on_slide(t, fm), 1)
+            elif t.size:
+                self.fg_mean[t] = out.fg_prob.reshape(t.size, -1).mean(axis=1)
             self.timings += (out.read_s, out.infer_s, out.wall_s)
 
     @property
@@ -144,6 +188,8 @@ class ChunkIndex:
         fg = self._cache.get(c)
         if fg is None:
             fg = load_chunk(self.paths[c]).fg_prob
+            if self.gate is not None:
+                fg = self.gate.apply(self._tiles_of[c], fg)
             self._cache.put(c, fg)
         return fg
 

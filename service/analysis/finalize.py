@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 
 from model.runtime import ModelMetadata
 from service.analysis.chunks import TISSUE_FILE, ChunkIndex, PipelineError
@@ -149,8 +148,8 @@ def write_heatmap(
 ) -> HeatmapOutput:
     """Step 1. One pass: stitch bands, count evidence, group positive runs into regions, write heatmap.tif.
 
-    The heatmap is never held whole; the tissue mask goes with the evidence counter, which also sets the
-    cells off the tissue to 0 (`tissue_only`, the default).
+    The heatmap is never held whole; the tissue mask goes with the evidence counter. With `tissue_only` the index
+    already hands out fg maps that are 0 off the tissue (`JobPlan.tissue_gate`).
     """
     l0_mpp = plan_l0_mpp(plan)
     meta = heatmap_meta(plan, l0_mpp)
@@ -160,8 +159,7 @@ def write_heatmap(
     grid = plan.grid()
     tissue = cv2.imread(str(job_dir / TISSUE_FILE), cv2.IMREAD_GRAYSCALE)
     counter = EvidenceCounter(
-        grid, plan.threshold, None if tissue is None else tissue > 0, plan.tissue_l0_per_px,
-        tissue_only=plan.options.tissue_only,
+        grid, plan.threshold, None if tissue is None else tissue > 0, plan.tissue_l0_per_px
     )
     del tissue  # the counter keeps the boolean mask only
     window = cosine_window((plan.fm_size, plan.fm_size)) if plan.options.blend == "cosine" else None
@@ -188,35 +186,8 @@ def write_overlay(plan: JobPlan, out: Path) -> Path:
     return path
 
 
-def tile_fg_means(plan: JobPlan, index: ChunkIndex, job_dir: Path, batch: int = 4096) -> np.ndarray:
-    """Each tile's mean foreground probability as the heatmap holds it: with `tissue_only`, its cells off the
-    tissue mask count as 0 (cell centres sampled on the mask, as `EvidenceCounter` does), averaged over the
-    tile's cells on the slide."""
-    tissue = cv2.imread(str(job_dir / TISSUE_FILE), cv2.IMREAD_GRAYSCALE) if plan.options.tissue_only else None
-    if tissue is None:
-        return index.fg_mean
-    on = tissue > 0
-    mh, mw = on.shape
-    means = index.fg_mean.copy()
-    fm, per_px = plan.fm_size, plan.tissue_l0_per_px
-    slide_w, slide_h = plan.slide_info["l0_size_wh"]
-    centres = (np.arange(fm) + 0.5) * plan.tiles.l0_tile_size / fm  # l0 px from a tile's corner
-    for start in range(0, len(plan), batch):
-        kept, maps = index.load_fg(np.arange(start, min(len(plan), start + batch)))
-        if kept.size == 0 or maps.shape[1:] != (fm, fm):
-            continue
-        l0_x, l0_y = plan.l0_xy[kept, 0, None] + centres, plan.l0_xy[kept, 1, None] + centres  # (n, fm)
-        on_slide = (l0_y < slide_h)[:, :, None] & (l0_x < slide_w)[:, None, :]
-        cols, rows = (l0_x / per_px).astype(np.int64), (l0_y / per_px).astype(np.int64)
-        inside = (rows < mh)[:, :, None] & (cols < mw)[:, None, :]
-        mask = on[np.minimum(rows, mh - 1)[:, :, None], np.minimum(cols, mw - 1)[:, None, :]] & inside
-        means[kept] = (maps * mask).sum(axis=(1, 2)) / np.maximum(on_slide.sum(axis=(1, 2)), 1)
-    return means
-
-
 def _features(
-    plan: JobPlan, regions: list[Region], index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float,
-    job_dir: Path,
+    plan: JobPlan, regions: list[Region], index: ChunkIndex, meta: ModelMetadata, seed: str, l0_mpp: float
 ) -> Iterator[dict[str, Any]]:
     """Annotations for the positive regions, then (optionally) one tile object per analysed tile."""
     yield from iter_region_features(
@@ -235,7 +206,7 @@ def _features(
             plan.l0_xy,
             plan.tiles.l0_tile_size,
             index.class_probs,
-            tile_fg_means(plan, index, job_dir),
+            index.fg_mean,
             class_names=meta.class_names,
             class_colors=meta.class_colors,
             positive_index=meta.positive_index,
@@ -247,7 +218,7 @@ def _features(
 
 def write_result_geojson(
     plan: JobPlan, regions: list[Region], index: ChunkIndex, model_meta: ModelMetadata, provenance: dict[str, Any],
-    out: Path, job_dir: Path,
+    out: Path,
 ) -> Path:
     """Step 3. The QuPath FeatureCollection (regions, then tile objects), written a batch of features at a time.
 
@@ -257,7 +228,7 @@ def write_result_geojson(
            f"{json.dumps(provenance['parameters'])}"
     name = OUTPUT_FILES["geojson"] + (".gz" if plan.options.geojson_gzip else "")
     path = out / name
-    write_geojson(path, _features(plan, regions, index, model_meta, seed, plan_l0_mpp(plan), job_dir),
+    write_geojson(path, _features(plan, regions, index, model_meta, seed, plan_l0_mpp(plan)),
                   {"frame": _frame(plan), **provenance})
     return path
 
@@ -335,7 +306,7 @@ def finalize_job(
     folder = Path(job_dir)
     out = Path(out_dir) if out_dir is not None else folder
     out.mkdir(parents=True, exist_ok=True)
-    index = ChunkIndex(folder, len(plan), model_meta.num_classes)
+    index = ChunkIndex(folder, len(plan), model_meta.num_classes, gate=plan.tissue_gate(folder))
     missing = int((~index.present).sum())
     if missing:
         raise PipelineError(
@@ -345,7 +316,7 @@ def finalize_job(
     provenance = _provenance(plan, model_meta, model_sha256)
     heatmap = write_heatmap(plan, index, folder, out, model_sha256)
     t_stitch = time.perf_counter()
-    geojson = write_result_geojson(plan, heatmap.regions, index, model_meta, provenance, out, folder)
+    geojson = write_result_geojson(plan, heatmap.regions, index, model_meta, provenance, out)
     t_geojson = time.perf_counter()
     result = build_result(plan, index, model_meta, heatmap, provenance, geojson.name, {})
     del heatmap  # the outlines are summarised: the overlay must not find them still held

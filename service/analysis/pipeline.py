@@ -37,7 +37,7 @@ def partial_heatmap(job_dir: str | os.PathLike[str]) -> tuple[np.ndarray, float]
     if not (folder / PLAN_FILE).is_file():
         return None
     plan = JobPlan.load(folder)
-    index = ChunkIndex(folder, len(plan), len(plan.model["classes"]))
+    index = ChunkIndex(folder, len(plan), len(plan.model["classes"]), gate=plan.tissue_gate(folder))
     if not index.present.any():
         return None
     rows = [

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from model.runtime import ModelMetadata
-from service.analysis.chunks import TISSUE_FILE, PipelineError
+from service.analysis.chunks import TISSUE_FILE, PipelineError, TissueGate
 from service.outputs.stitching import HeatmapGrid
 from service.slide.metadata import MPP_RANGE
 from service.slide.tiling import RegionPlan, TilePlan, detect_tissue, plan_regions, plan_tiles
@@ -207,6 +207,17 @@ class JobPlan:
     def l0_xy(self) -> np.ndarray:
         """(N, 2) int64 level-0 top-left corners of the planned tiles."""
         return self.tiles.l0_xy
+
+    def tissue_gate(self, job_dir: str | os.PathLike[str]) -> TissueGate | None:
+        """The gate that keeps the fg maps on tissue (`tissue_only`), from the job's tissue mask; None when off
+        or when the mask is missing."""
+        if not self.options.tissue_only:
+            return None
+        mask = cv2.imread(str(Path(job_dir) / TISSUE_FILE), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            return None
+        w, h = self.slide_info["l0_size_wh"]
+        return TissueGate(mask > 0, self.tissue_l0_per_px, self.l0_xy, float(self.tiles.l0_tile_size), (int(w), int(h)))
 
     def __len__(self) -> int:
         return len(self.tiles)

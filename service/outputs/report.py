@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from service.outputs.geojson import Region
-from service.outputs.stitching import HeatmapBand, HeatmapGrid
+from service.outputs.stitching import HeatmapBand, HeatmapGrid, sample_mask
 
 __all__ = [
     "AGGREGATION_WHY",
@@ -127,21 +127,15 @@ def slide_call(
 
 
 class EvidenceCounter:
-    """Counts analysed, positive and tissue cells band by band (tissue resampled onto the heatmap grid).
-
-    With `tissue_only`, each band is handed on with probability 0 in its cells off the tissue mask (the counts
-    are of that band): a model is never asked about glass, and a GlaS-trained one calls white space gland.
-    """
+    """Counts analysed, positive and tissue cells band by band (tissue resampled onto the heatmap grid)."""
 
     def __init__(
-        self, grid: HeatmapGrid, threshold: float, tissue_mask: np.ndarray | None, tissue_l0_per_px: float,
-        tissue_only: bool = False,
+        self, grid: HeatmapGrid, threshold: float, tissue_mask: np.ndarray | None, tissue_l0_per_px: float
     ) -> None:
         self.grid = grid
         self.threshold = threshold
         self.tissue_mask = tissue_mask
         self.tissue_l0_per_px = tissue_l0_per_px
-        self.tissue_only = tissue_only and tissue_mask is not None
         self.analysed = self.positive = self.tissue = self.positive_on_tissue = 0
         self.prob_sum = 0.0
 
@@ -149,20 +143,14 @@ class EvidenceCounter:
         """The tissue mask sampled at the centres of the band's heatmap cells (nearest pixel)."""
         if self.tissue_mask is None:
             return np.zeros(shape_hw, bool)
-        ds, per_px = self.grid.hm_downsample, self.tissue_l0_per_px
-        mh, mw = self.tissue_mask.shape
-        rows = ((np.arange(hm_y0, hm_y0 + shape_hw[0]) + 0.5) * ds / per_px).astype(np.int64)
-        cols = ((np.arange(shape_hw[1]) + 0.5) * ds / per_px).astype(np.int64)
-        inside = (rows < mh)[:, None] & (cols < mw)[None, :]
-        sampled: np.ndarray = self.tissue_mask[np.minimum(rows, mh - 1)][:, np.minimum(cols, mw - 1)] & inside
-        return sampled
+        ds = self.grid.hm_downsample
+        return sample_mask(self.tissue_mask, self.tissue_l0_per_px, (np.arange(hm_y0, hm_y0 + shape_hw[0]) + 0.5) * ds,
+                           (np.arange(shape_hw[1]) + 0.5) * ds)
 
     def add(self, band: HeatmapBand) -> HeatmapBand:
-        """Count one band and hand it on (off-tissue cells at probability 0 with `tissue_only`)."""
-        tissue = self._tissue_rows(band.hm_y0, band.prob.shape)
-        if self.tissue_only:
-            band = HeatmapBand(band.hm_y0, np.where(tissue, band.prob, np.float32(0.0)), band.covered)
+        """Count one band and hand it on unchanged."""
         positive = band.covered & (band.prob >= self.threshold)
+        tissue = self._tissue_rows(band.hm_y0, band.prob.shape)
         self.analysed += int(band.covered.sum())
         self.positive += int(positive.sum())
         self.tissue += int(tissue.sum())

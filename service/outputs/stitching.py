@@ -94,6 +94,16 @@ class HeatmapBand:
         return encode_heatmap(self.prob, self.covered)
 
 
+def sample_mask(mask: np.ndarray, l0_per_px: float, l0_y: np.ndarray, l0_x: np.ndarray) -> np.ndarray:
+    """A boolean mask (a mask pixel = `l0_per_px` level-0 px) at level-0 points: the outer product of rows `l0_y`
+    (..., h) and columns `l0_x` (..., w) gives (..., h, w); nearest pixel, False outside the mask."""
+    mh, mw = mask.shape
+    rows, cols = (np.asarray(l0_y) / l0_per_px).astype(np.int64), (np.asarray(l0_x) / l0_per_px).astype(np.int64)
+    inside = (rows < mh)[..., :, None] & (cols < mw)[..., None, :]
+    picked: np.ndarray = mask[np.minimum(rows, mh - 1)[..., :, None], np.minimum(cols, mw - 1)[..., None, :]]
+    return picked & inside
+
+
 def encode_heatmap(prob: np.ndarray, covered: np.ndarray) -> np.ndarray:
     """Probability + coverage -> stored uint8 values (0 = not analysed, else 1 + round(254 p))."""
     values = 1.0 + np.rint(np.clip(prob, 0.0, 1.0) * 254.0)

@@ -286,7 +286,7 @@ def test_finalize_steps_run_one_by_one_give_what_finalize_job_gives(
     with open_slide(cmu_small_path) as slide:
         for c, tiles in enumerate(plan.chunks()):
             save_chunk(job, c, run_chunk(slide, plan, tiles, random_predictor))
-    index = ChunkIndex(job, len(plan), random_predictor.metadata.num_classes)
+    index = ChunkIndex(job, len(plan), random_predictor.metadata.num_classes, gate=plan.tissue_gate(job))
     out = tmp_path / "out"
     out.mkdir()
     heatmap = write_heatmap(plan, index, job, out, random_predictor.sha256)
@@ -295,7 +295,7 @@ def test_finalize_steps_run_one_by_one_give_what_finalize_job_gives(
     assert heatmap.evidence["positive_area_mm2"] == pytest.approx(ref["evidence"]["positive_area_mm2"], abs=1e-3)
     assert len(heatmap.regions) == ref["evidence"]["regions"] and heatmap.meta == ref["heatmap"]
     provenance = {"model": {"sha256": random_predictor.sha256}, "parameters": {"p": 1}}
-    geojson = write_result_geojson(plan, heatmap.regions, index, random_predictor.metadata, provenance, out, job)
+    geojson = write_result_geojson(plan, heatmap.regions, index, random_predictor.metadata, provenance, out)
     features = json.loads(geojson.read_text())["features"]
     assert len(features) == len(json.loads(reference.path("geojson").read_text())["features"])
     doc = build_result(plan, index, random_predictor.metadata, heatmap, provenance, geojson.name, {"stitch": 1.0})

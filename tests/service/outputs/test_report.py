@@ -84,26 +84,6 @@ def test_evidence_counts_cells_against_the_tissue_mask() -> None:
     assert evidence["positive_fraction_of_analysed"] == pytest.approx(round(8 / 12, 4))
 
 
-def test_tissue_only_sets_cells_off_the_tissue_to_zero_and_counts_what_it_hands_on() -> None:
-    grid = HeatmapGrid(l0_size_wh=(40, 40), hm_downsample=10.0)
-    prob = np.full((4, 4), 0.9, np.float32)  # a model that calls everything foreground, glass included
-    covered = np.ones((4, 4), bool)
-    tissue = np.zeros((2, 2), bool)
-    tissue[:, 0] = True  # the left half (2 cell columns) is tissue
-    counter = EvidenceCounter(grid, 0.5, tissue, tissue_l0_per_px=20.0, tissue_only=True)
-    out = [counter.add(HeatmapBand(y, prob[y : y + 2], covered[y : y + 2])) for y in (0, 2)]
-    stitched = np.concatenate([b.prob for b in out])
-    np.testing.assert_array_equal(stitched[:, :2], np.float32(0.9))
-    np.testing.assert_array_equal(stitched[:, 2:], 0.0)  # off tissue: 0, still analysed
-    assert all(b.covered.all() for b in out)
-    assert (counter.analysed, counter.positive, counter.positive_on_tissue) == (16, 8, 8)
-    plain = EvidenceCounter(grid, 0.5, tissue, tissue_l0_per_px=20.0)  # off: bands pass through untouched
-    band = HeatmapBand(0, prob[:2], covered[:2])
-    assert plain.add(band) is band and plain.positive == 8
-    # without a tissue mask there is nothing to gate on
-    assert EvidenceCounter(grid, 0.5, None, 20.0, tissue_only=True).add(band) is band
-
-
 def test_region_summaries_are_level0_boxes_largest_first() -> None:
     small = Region(shapely.box(0, 0, 1, 1), cells=1, mean_prob=0.9, max_prob=0.9)
     big = Region(shapely.box(2, 3, 5, 5), cells=6, mean_prob=0.7, max_prob=0.8)
