@@ -249,14 +249,18 @@ class JobQueue:
             self.redis.srem(self.settings.key(constants.OWNER_SLIDES_KEY, key_id=key_id), slide_id)
 
     def transition(self, job_id: str, generation: str, allowed: str, state: str, **fields: str) -> bool:
-        """Move the job to `state` if it is still this generation and in one of the `allowed` states."""
-        args: list[str] = [generation, allowed, state]
-        for name, value in fields.items():
-            args += [name, value]
-        moved = bool(self._transition(keys=[self.job_key(job_id)], args=args))
+        """Move the job to `state` if it is still this generation and in one of the `allowed` states (a run that
+        ends, or starts, is counted for /metrics)."""
+        moved = self._move(job_id, generation, allowed, state, **fields)
         if moved and (state in constants.TERMINAL_STATES or "started_at" in fields):
             self._record_timing(job_id, state)
         return moved
+
+    def _move(self, job_id: str, generation: str, allowed: str, state: str, **fields: str) -> bool:
+        args: list[str] = [generation, allowed, state]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(self._transition(keys=[self.job_key(job_id)], args=args))
 
     def _record_timing(self, job_id: str, state: str) -> None:
         """Count a run's outcome and its time, or its queue wait when it starts, for /metrics."""
@@ -276,7 +280,7 @@ class JobQueue:
         states = ",".join(constants.JOB_STATES)
         record = self.redis.hmget(self.job_key(job_id), ["state", "generation"])
         if record[1] == generation and record[0]:
-            self.transition(job_id, generation, states, str(record[0]), **fields)
+            self._move(job_id, generation, states, str(record[0]), **fields)  # no state change: nothing to count
 
     def fail(self, job_id: str, generation: str, reason: str) -> bool:
         """Mark the job failed with a reason, unless it already ended."""

@@ -164,3 +164,14 @@ def test_jobs_take_turns_so_a_huge_backlog_never_blocks_a_small_job(queue: JobQu
     last_small = max(i for i, j in enumerate(served) if j == small)
     assert last_small <= window + 1, served[: window + 4]  # before: 201 (every huge chunk first)
     assert queue.get(huge)["chunks_done"] == "200" and queue.get(small)["chunks_done"] == "2"
+
+
+def test_a_run_is_counted_once_when_it_ends_not_when_its_fields_change(queue: JobQueue) -> None:
+    job_id = "3" * 32
+    queue.submit(job_id, FIELDS)
+    generation = _plan(queue, job_id, [range(0, 1)])
+    assert queue.fail(job_id, generation, "boom")
+    queue.set_fields(job_id, generation, note="x")  # a field written after the end: the state does not change
+    stats = queue.stats()
+    assert stats["jobs_outcome:failed"] == "1" and stats["queue_wait_seconds:bucket:1.0"] == "1"
+    assert sum(int(v) for k, v in stats.items() if k.startswith("job_seconds:failed:bucket:")) == 1
