@@ -40,6 +40,8 @@ MODES: dict[str, dict[str, Any]] = {
     "dense": {},  # the default options
     "tiles": {"inference": "tiles"},
     "overlap-cosine": {"overlap": 0.5, "blend": "cosine"},
+    "dense-r4": {"region_tiles": 4},  # smaller dense regions: less tissue-free area, more halo
+    "dense-r2": {"region_tiles": 2},
 }
 
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=REPO_ROOT / "model" / "weights" / "pixelcam-glas-lite0-s5.onnx")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="dense,tiles,overlap-cosine", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--json", type=Path, default=None, help="default: bench/_out/bench_seams-<time>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

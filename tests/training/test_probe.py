@@ -35,3 +35,15 @@ def test_a_feature_carrying_the_mask_is_found_and_noise_is_not() -> None:
     assert good["pxap_held_out"] > 95
     fg = 100 * np.mean([s.mask.mean() for s in samples])
     assert abs(bad["pxap_held_out"] - fg) < 10 and good["pxap_held_out"] > bad["pxap_held_out"] + 30
+
+
+def test_seed_shares_are_perfect_for_the_mask_itself_and_chance_for_noise() -> None:
+    from training.diagnose import seed_shares
+
+    rng = np.random.default_rng(1)
+    masks = [s.mask for s in _samples(6)]
+    perfect = seed_shares([m.astype(np.float32) for m in masks], masks, fg_power=8.0, bg_area_frac=0.2)
+    noise = seed_shares([rng.random(m.shape) for m in masks], masks, fg_power=1.0, bg_area_frac=0.2)
+    fg = 100 * np.mean([m.mean() for m in masks])
+    assert perfect[0] > 99 and perfect[1] > 99
+    assert abs(noise[0] - fg) < 10 and abs(noise[1] - (100 - fg)) < 10
