@@ -136,3 +136,16 @@ def test_bench_analyze_runs_on_a_tiny_slide(tmp_path: Path, data_dir: Path) -> N
     assert isinstance(res["analysis"]["runs"][0]["regions"], int)
     assert res["model"]["parity_torch_vs_onnx"]["fg_prob"] < 1e-3  # the torch weights are the ONNX's
     assert "pipeline efficiency" in done.stdout
+
+
+def test_bench_models_measures_every_model_in_each_round(tmp_path: Path, data_dir: Path) -> None:
+    model = REPO_ROOT / "model" / "weights" / "pixelcam-glas-lite0-s5.onnx"
+    if not model.is_file():
+        pytest.skip("the default model is not in this checkout")
+    env = dict(os.environ, PIXELCAM_DATA_DIR=str(data_dir))
+    args = [str(model), "--threads", "1", "--rounds", "2", "--batch", "4", "--region", "256"]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_models.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])["results"][model.name]
+    assert all(len(v) == 2 and min(v) > 0 for v in res.values()), res

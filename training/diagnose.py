@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from model.checkpoint import load_checkpoint
 from model.network import PixelCAM
-from training.config import TrainConfig
+from training.config import load_yaml, make_config
 from training.data import Sample
 from training.evaluate import pad_to_stride, predict_image, to_input
 from training.metrics import PixelCounts
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bg-area-frac", default="0.1,0.2", help="seeds: comma-separated background areas")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig(**yaml.safe_load((args.run_dir / "config.yaml").read_text()))
+    cfg = make_config(load_yaml(args.run_dir / "config.yaml"))  # the run's resolved config, checked
     torch.set_num_threads(cfg.threads)
     samples = [s for s in prepare_run(cfg).samples("valcl") if s.mask is not None]
     model, _, _ = load_checkpoint(args.checkpoint)

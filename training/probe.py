@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from model.checkpoint import load_checkpoint
 from model.network import PixelCAM, build_model
-from training.config import TrainConfig
+from training.config import load_yaml, make_config
 from training.data import Sample
 from training.evaluate import pad_to_stride, to_input
 from training.metrics import PixelCounts
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", default="", help="comma-separated EfficientNet-Lite block indices to probe too")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig(**yaml.safe_load((args.run_dir / "config.yaml").read_text()))
+    cfg = make_config(load_yaml(args.run_dir / "config.yaml"))  # the run's resolved config, checked
     torch.set_num_threads(cfg.threads)
     ctx = prepare_run(cfg)
     if args.checkpoint is not None:
