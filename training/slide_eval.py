@@ -20,6 +20,7 @@ Planes: `l0_` level-0 slide pixels = image pixels at the source resolution, `hm_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -35,16 +36,20 @@ from tqdm import tqdm
 from model.runtime import Predictor
 from service.analysis.pipeline import analyze_slide
 from service.analysis.plan import AnalysisOptions
+from service.outputs.annotations import rasterize, read_annotations, select_classes
 from service.outputs.stitching import decode_heatmap
 from training.config import GLAS_MPP
 from training.data import Record, default_data_dir, load_glas, read_rgb
 from training.metrics import PixelCounts, accuracy
+from training.slide_data import SlideEntry
 
-__all__ = ["SlideEvaluation", "evaluate_as_slides", "heatmap_at_pixels", "main", "write_slide"]
+__all__ = ["SlideEvaluation", "eval_step", "evaluate_as_slides", "evaluate_slide_entries", "heatmap_at_pixels",
+           "heatmap_on_grid", "main", "write_slide"]
 
 logger = logging.getLogger(__name__)
 
 TIFF_TILE = 256
+MAX_EVAL_PIXELS = 16e6  # scoring grid of a slide's heatmap PxAP: every pixel up to this many, coarser beyond
 
 
 def write_slide(image: np.ndarray, path: Path, mpp: float) -> Path:
@@ -75,12 +80,13 @@ class SlideEvaluation:
     rows: list[dict[str, Any]]
     options: dict[str, Any]
     wall_s: float
+    protocol: str = ("each image written as a tiled TIFF at its source mpp, analysed by analyze_slide with these "
+                     "options; unanalysed pixels score 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "pxap": self.pxap, "n": len(self.rows),
                 "gland_pixels_not_analysed": self.gland_pixels_not_analysed, "options": self.options,
-                "protocol": "each image written as a tiled TIFF at its source mpp, analysed by analyze_slide "
-                            "with these options; unanalysed pixels score 0", "wall_s": self.wall_s,
+                "protocol": self.protocol, "wall_s": self.wall_s,
                 "images": self.rows}
 
 
@@ -122,6 +128,79 @@ def evaluate_as_slides(
         pxap=counts.pxap(),
         gland_pixels_not_analysed=missed / total if total else float("nan"),
         rows=rows, options=options.to_dict(), wall_s=round(time.perf_counter() - t0, 2),
+    )
+
+
+def heatmap_on_grid(heatmap_tif: Path, size_wh: tuple[int, int], hm_downsample: float, step: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, analysed) at the centres of a grid of `step` level-0 pixels over the slide (step 1: every
+    pixel, as `heatmap_at_pixels`)."""
+    prob, covered = decode_heatmap(tifffile.imread(heatmap_tif, key=0))
+    w, h = size_wh
+    ys = np.minimum(((np.arange(h) + 0.5) * step / hm_downsample).astype(np.int64), prob.shape[0] - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * step / hm_downsample).astype(np.int64), prob.shape[1] - 1)
+    return prob[np.ix_(ys, xs)], covered[np.ix_(ys, xs)]
+
+
+def eval_step(l0_size_wh: tuple[int, int], max_pixels: float = MAX_EVAL_PIXELS) -> float:
+    """Level-0 pixels per scoring-grid pixel: 1 (every pixel) up to `max_pixels`, coarser on large slides."""
+    w, h = l0_size_wh
+    return max(1.0, float(np.ceil(np.sqrt(w * h / max_pixels))))
+
+
+def evaluate_slide_entries(
+    predictor: Predictor, entries: list[SlideEntry], work_dir: Path, *, annotation_classes: tuple[str, ...],
+    options: AnalysisOptions | None = None, progress: bool = True,
+) -> SlideEvaluation:
+    """Analyse each manifest slide as `pixelcam analyze` does (its mpp override applied) and score the slide class
+    against its label and the heatmap against its annotations of `annotation_classes`.
+
+    Pixels are scored on a grid of `eval_step` level-0 pixels (every pixel on slides up to 16 M pixels), each grid
+    pixel in the annotation when its centre is; pixels the analysis left out score 0.
+    """
+    base = options or AnalysisOptions()
+    names = predictor.metadata.class_names
+    counts = PixelCounts.empty()
+    rows: list[dict[str, Any]] = []
+    missed = total = 0
+    t0 = time.perf_counter()
+    for entry in tqdm(entries, desc="slide path", disable=not progress):
+        opts = dataclasses.replace(base, mpp_override=entry.mpp) if entry.mpp else base
+        result = analyze_slide(entry.path, predictor, work_dir / "out" / entry.id, opts)
+        doc = result.result
+        row: dict[str, Any] = {"name": entry.id, "label": entry.label, "predicted": result.label,
+                               "probability": doc["classification"]["positive_probability"],
+                               "tiles": doc["evidence"]["tiles_analysed"], "mpp_read": doc["provenance"]["slide"]["mpp_x"]}
+        if entry.annotations is not None:
+            slide_doc = doc["provenance"]["slide"]
+            size_wh = tuple(int(v) for v in slide_doc["l0_size_wh"])
+            bounds = slide_doc.get("bounds")
+            offset = (int(bounds[0]), int(bounds[1])) if bounds else (0, 0)
+            step = eval_step(size_wh)
+            grid_wh = (int(np.ceil(size_wh[0] / step)), int(np.ceil(size_wh[1] / step)))
+            polys = select_classes(read_annotations(entry.annotations), annotation_classes)
+            mask = rasterize(polys, (-offset[0], -offset[1]), 1.0 / step, grid_wh)
+            prob, covered = heatmap_on_grid(result.path("heatmap"), grid_wh, float(doc["heatmap"]["hm_downsample"]),
+                                            step)
+            scores = np.where(covered, prob, 0.0)
+            counts.add(scores, mask)
+            missed += int((mask & ~covered).sum())
+            total += int(mask.sum())
+            one = PixelCounts.empty()
+            one.add(scores, mask)
+            row["pxap"] = one.pxap()
+            row["eval_step_l0"] = step
+        rows.append(row)
+    predicted = np.array([names.index(r["predicted"]) if r["predicted"] in names else -1 for r in rows])
+    labels = np.array([names.index(r["label"]) for r in rows])
+    return SlideEvaluation(
+        accuracy=accuracy(predicted, labels) if rows else float("nan"),
+        pxap=counts.pxap() if total else float("nan"),
+        gland_pixels_not_analysed=missed / total if total else float("nan"),
+        rows=rows, options=base.to_dict(), wall_s=round(time.perf_counter() - t0, 2),
+        protocol=("each slide analysed by analyze_slide with these options (its manifest mpp applied); heatmap "
+                  "scored on a grid of eval_step_l0 level-0 pixels against the rasterised annotations; unanalysed "
+                  "pixels score 0"),
     )
 
 

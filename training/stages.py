@@ -5,9 +5,11 @@ Layout: `splits.json`, `config.yaml`, `baseline/`, `cams/`, `pixelcam/`, `evalua
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,16 @@ from training.data import (
 )
 from training.evaluate import evaluate_split
 from training.metrics import THRESHOLDS
+from training.progress import RunProgress
 from training.report import fmt, read_report, table, training_summary, write_report
+from training.slide_data import (
+    SlideEntry,
+    TileSource,
+    annotation_names,
+    extract_slide,
+    read_manifest,
+    slide_splits,
+)
 from training.train import map_mode, train_stage
 
 logger = logging.getLogger(__name__)
@@ -54,6 +65,11 @@ class RunContext:
     mcfg: ModelConfig
     records: list[Record]
     splits: dict[str, list[str]]
+    # dataset slides: the manifest's slides, their tiles (records and loader) and the slide ids of each split
+    slides: list[SlideEntry] = field(default_factory=list)
+    tiles: TileSource | None = None
+    slide_split_ids: dict[str, list[str]] = field(default_factory=dict)
+    progress: RunProgress | None = None
     _cache: dict[str, list[Sample]] = field(default_factory=dict)
 
     @property
@@ -61,13 +77,26 @@ class RunContext:
         """Resampling factor from the stored images to the model's input_mpp."""
         return self.cfg.source_mpp / self.cfg.input_mpp
 
+    @property
+    def eval_split(self) -> str:
+        """The split the evaluate and export stages score: test, or valcl when the data leave no test split."""
+        return "test" if self.splits.get("test") else "valcl"
+
     def samples(self, split: str) -> list[Sample]:
-        """The split's images at the model's scale (cached)."""
+        """The split's images at the model's scale (cached); with slides, its tiles."""
         if split not in self._cache:
             t0 = time.perf_counter()
-            self._cache[split] = load_samples(self.records, self.splits[split], scale=self.scale)
+            if self.tiles is not None:
+                self._cache[split] = self.tiles.load(self.splits[split])
+            else:
+                self._cache[split] = load_samples(self.records, self.splits[split], scale=self.scale)
             logger.info("loaded %d %s images in %.1f s", len(self._cache[split]), split, time.perf_counter() - t0)
         return self._cache[split]
+
+    def slides_of(self, split: str) -> list[SlideEntry]:
+        """The manifest slides of a split (dataset slides)."""
+        ids = set(self.slide_split_ids.get(split, []))
+        return [e for e in self.slides if e.id in ids]
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -93,10 +122,12 @@ def _colors(n: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n))  # type: ignore[misc]
 
 
-def prepare_run(cfg: TrainConfig) -> RunContext:
+def prepare_run(cfg: TrainConfig, progress: RunProgress | None = None) -> RunContext:
     """Create the run dir, read the dataset, and make (or reuse) the deterministic splits."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.dataset == "slides":
+        return _prepare_slides(cfg, run_dir, progress)
     if cfg.dataset == "glas":
         root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir() / "glas"
         if tuple(cfg.class_names) != GLAS_CLASSES:
@@ -116,7 +147,42 @@ def prepare_run(cfg: TrainConfig) -> RunContext:
         splits = make_splits(records, seed=cfg.seed, valcl_frac=cfg.valcl_frac, valpx_per_class=cfg.valpx_per_class)
         splits_path.write_text(json.dumps(splits, indent=1) + "\n")
     logger.info("splits: %s", {k: len(v) for k, v in splits.items()})
-    return RunContext(cfg, run_dir, model_config(cfg), records, splits)
+    return RunContext(cfg, run_dir, model_config(cfg), records, splits, progress=progress)
+
+
+def _prepare_slides(cfg: TrainConfig, run_dir: Path, progress: RunProgress | None) -> RunContext:
+    """Dataset slides: read the manifest, split by slide, extract (or reuse) every slide's tiles."""
+    entries = read_manifest(cfg.manifest, tuple(cfg.class_names))
+    by_slide = slide_splits(entries, seed=cfg.seed, valcl_frac=cfg.valcl_frac, test_frac=cfg.test_frac)
+    if not by_slide["valpx"]:
+        logger.warning("no valcl slide has annotations: checkpoints are chosen by valcl accuracy alone and the "
+                       "fg threshold is the default 0.5; annotate at least one slide per class (QuPath GeoJSON) "
+                       "or give one annotated slide split valpx for map-based selection")
+    split_of = {i: s for s in ("train", "valcl", "test") for i in by_slide[s]}
+    classes = annotation_names(cfg.foreground_name, cfg.positive_class)
+    if progress is not None:
+        progress.start("extract", f"tiles of {len(entries)} slides")
+    extracted = []
+    for k, entry in enumerate(entries):
+        extracted.append(extract_slide(
+            entry, run_dir / "tiles", class_names=tuple(cfg.class_names), input_mpp=cfg.input_mpp,
+            input_size=cfg.input_size, label_from=cfg.label_from, positive_class=cfg.positive_class,
+            annotation_classes=classes))
+        if progress is not None:
+            progress.update((k + 1) / len(entries), message=f"tiles of {k + 1}/{len(entries)} slides", force=True)
+    source = TileSource(extracted, split_of, max_per_slide=cfg.max_images, seed=cfg.seed)
+    splits = {s: source.names(by_slide[s]) for s in ("train", "valcl", "valpx", "test")}
+    empty = [e.entry.id for e in extracted if e.entry.id in split_of and not source.names([e.entry.id])]
+    if empty:
+        logger.warning("slides with no tissue tile (nothing to learn or score there): %s", empty)
+    if not splits["train"]:
+        raise DatasetError("the training slides gave no tissue tile: check the slides and their mpp")
+    doc = {**splits, "slides": by_slide}
+    (run_dir / "splits.json").write_text(json.dumps(doc, indent=1) + "\n")
+    logger.info("slides per split %s; tiles per split %s", {k: len(v) for k, v in by_slide.items()},
+                {k: len(v) for k, v in splits.items()})
+    return RunContext(cfg, run_dir, model_config(cfg), source.records, splits, slides=entries, tiles=source,
+                      slide_split_ids=by_slide, progress=progress)
 
 
 def _subsample(records: list[Record], n: int, seed: int) -> list[Record]:
@@ -160,6 +226,60 @@ def load_encoder_weights(model: PixelCAM, cfg: TrainConfig) -> None:
     logger.info("loaded local pretrained weights %s: %s", cfg.pretrained, loaded)
 
 
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "model" / "weights"
+ARCH_FIELDS = ("encoder_name", "encoder_width", "output_stride", "input_size", "input_mpp", "pixel_smooth")
+
+
+def resolve_init_from(value: str) -> Path:
+    """The checkpoint `init_from` names: a .pt path, "default" (the one checkpoint shipped in model/weights/),
+    a shipped model's name, or a shipped .onnx (its .pt sibling: an ONNX file holds fused, untrainable weights)."""
+    shipped = sorted(WEIGHTS_DIR.glob("*.pt"))
+    if value == "default":
+        if len(shipped) != 1:
+            raise StageError(f"init_from 'default' needs exactly one checkpoint in {WEIGHTS_DIR.name}/, found "
+                             f"{[p.name for p in shipped]}; name one")
+        return shipped[0]
+    path = Path(value)
+    if path.suffix == ".onnx":
+        path = path.with_suffix(".pt")
+        if not path.is_file():
+            raise StageError(f"init_from {value}: an ONNX model holds fused weights that cannot be trained further; "
+                             f"point at its training checkpoint (.pt) instead (none at {path.name})")
+    if path.is_file():
+        return path
+    by_name = WEIGHTS_DIR / f"{value}.pt"
+    if by_name.is_file():
+        return by_name
+    raise StageError(f"init_from {value!r} is neither a checkpoint file nor a shipped model "
+                     f"({[p.stem for p in shipped]}, or 'default')")
+
+
+def apply_init_from(cfg: TrainConfig) -> TrainConfig:
+    """With `init_from`, the run trains that checkpoint's network: its architecture fields replace the config's
+    (logged when they differ), so fine-tuning needs no knowledge of how the model was built."""
+    if not cfg.init_from:
+        return cfg
+    _, icfg, _ = load_checkpoint(resolve_init_from(cfg.init_from))
+    changes = {f: getattr(icfg, f) for f in ARCH_FIELDS if getattr(icfg, f) != getattr(cfg, f)}
+    if changes:
+        logger.info("init_from %s: the network of the checkpoint replaces the config's %s", cfg.init_from, changes)
+    return dataclasses.replace(cfg, pretrained="", **changes)
+
+
+def load_init_weights(model: PixelCAM, path: Path) -> None:
+    """Every tensor of the checkpoint whose name and shape match (the class head only when the classes match)."""
+    source, icfg, _ = load_checkpoint(path)
+    theirs = source.state_dict()
+    ours = model.state_dict()
+    same = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    if tuple(icfg.class_names) != tuple(model.config.class_names):
+        same = {k: v for k, v in same.items() if not k.startswith("cls_head.")}
+    missing = sorted(set(ours) - set(same))
+    model.load_state_dict(same, strict=False)
+    logger.info("fine-tuning from %s: %d of %d tensors loaded; left at their initialisation: %s", path.name,
+                len(same), len(ours), missing or "none")
+
+
 def run_baseline(ctx: RunContext) -> dict[str, Any]:
     """Stage 1: train the WSOL baseline (image CE only) from scratch or a local pretrained state dict."""
     return _train(ctx, "baseline", init=None, cams=None)
@@ -174,17 +294,29 @@ def run_pixelcam(ctx: RunContext) -> dict[str, Any]:
     """
     init = ctx.run_dir / "baseline" / "best_classification.pt"
     cams = load_cams(ctx.run_dir / "cams" / "cams.npz")
-    for r in range(1, ctx.cfg.seed_rounds):
+    rounds = ctx.cfg.seed_rounds
+    for r in range(1, rounds):
         name = f"pixelcam_round{r}"
-        _train(ctx, "pixelcam", init=init, cams=cams, out_name=name, resumable=False)
+        _train(ctx, "pixelcam", init=init, cams=cams, out_name=name, resumable=False, part=(r - 1, rounds))
         report = store_maps(ctx, ctx.run_dir / name / "best_localization.pt", "pixel", ctx.run_dir / f"cams_round{r + 1}")
         logger.info("round %d seeds: the pixel map of %s (train PxAP %s)", r + 1, name, report["train_pxap_of_cams"])
         cams = load_cams(ctx.run_dir / f"cams_round{r + 1}" / "cams.npz")
-    return _train(ctx, "pixelcam", init=init, cams=cams)
+    return _train(ctx, "pixelcam", init=init, cams=cams, part=(rounds - 1, rounds))
+
+
+def _stage_progress(ctx: RunContext, part: tuple[int, int]) -> Callable[..., None] | None:
+    """The train_stage progress callback of round part[0] of part[1] of the current stage."""
+    if ctx.progress is None:
+        return None
+    tracker, (k, n) = ctx.progress, part
+
+    def report(fraction: float, **kw: Any) -> None:
+        tracker.update((k + fraction) / n, **kw)
+    return report
 
 
 def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np.ndarray] | None,
-           out_name: str | None = None, resumable: bool = True) -> dict[str, Any]:
+           out_name: str | None = None, resumable: bool = True, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
@@ -204,7 +336,9 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
                              "--stage baseline with this config") from err
     else:
         model = build_model(ctx.mcfg)
-        if cfg.pretrained:
+        if cfg.init_from:
+            load_init_weights(model, resolve_init_from(cfg.init_from))
+        elif cfg.pretrained:
             load_encoder_weights(model, cfg)
     valpx = set(ctx.splits["valpx"])
     state = train_stage(
@@ -217,6 +351,7 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
         out_dir=ctx.run_dir / (out_name or stage),
         cams=cams,
         resume=resume_extra,
+        progress=_stage_progress(ctx, part),
     )
     report = {
         "stage": stage,
@@ -297,7 +432,7 @@ def evaluate_checkpoint(ctx: RunContext, ckpt: Path, mode: str) -> dict[str, Any
     model, _, _ = load_checkpoint(ckpt)
     val = evaluate_split(model, ctx.samples("valcl"), mode=mode, pixel_names=set(ctx.splits["valpx"]))
     tau_idx = val.counts.best_index()
-    test_samples = ctx.samples("test")
+    test_samples = ctx.samples(ctx.eval_split)
     test = evaluate_split(model, tqdm(test_samples, desc=f"test {ckpt.parent.name}", leave=False), mode=mode)
     return {
         "checkpoint": str(ckpt),
@@ -332,17 +467,21 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
         "pixelcam_network_own_cam": evaluate_checkpoint(ctx, rd / "pixelcam" / "best_localization.pt", cam),
     }
     wall = time.perf_counter() - t0
-    n_test = len(ctx.splits["test"])
+    n_test = len(ctx.splits[ctx.eval_split])
+    if ctx.eval_split != "test":
+        logger.warning("no test split: the evaluate stage scores valcl, which also chose the checkpoints "
+                       "(optimistic); give slides split test in the manifest, or more slides (test_frac)")
     verdict = results["pixelcam"]["test"].get("pxap", 0) > results["baseline"]["test"].get("pxap", 0)
-    report = {"stage": "evaluate", "wall_s": wall, "n_test": n_test, "results": results, "supplementary": extra,
+    report = {"stage": "evaluate", "wall_s": wall, "n_test": n_test, "eval_split": ctx.eval_split,
+              "results": results, "supplementary": extra,
               "pixelcam_beats_baseline_pxap": bool(verdict)}
     header = ["model", "map", "test acc %", "test PxAP %", "test Dice fg %", "test mIoU %", "τ (valpx)",
               "valpx PxAP %", "valcl acc %"]
     prior = results["baseline"]["test"].get("fg_fraction")
     summary = "\n\n".join(
         [
-            "# Stage evaluate: baseline vs PixelCAM on the test split",
-            f"{n_test} test images, each run whole at the model's scale. Checkpoints: best_localization "
+            f"# Stage evaluate: baseline vs PixelCAM on the {ctx.eval_split} split",
+            f"{n_test} {ctx.eval_split} images (tiles, with dataset slides), each run whole at the model's scale. Checkpoints: best_localization "
             "(valpx PxAP) of each stage. τ maximises mIoU on valpx and is then applied to test; PxAP needs no τ.",
             table(header, [_row(k, v) for k, v in results.items()]),
             f"PixelCAM beats the baseline's test PxAP: **{'yes' if verdict else 'no'}**. Foreground fraction of the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ def run_epoch(
     stage: str,
     epoch: int,
     cams: dict[str, np.ndarray] | None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the training images (the last batch is filled by repeating images)."""
     rng = np.random.default_rng([cfg.seed, STAGE_IDS[stage], epoch])
@@ -138,6 +140,8 @@ def run_epoch(
         sums["loss"] += loss.item()
         sums["ce"] += ce.item()
         bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")
+        if on_step is not None:
+            on_step(step + 1, steps)
     return {k: v / steps for k, v in sums.items()}
 
 
@@ -156,8 +160,12 @@ def train_stage(
     out_dir: Path,
     cams: dict[str, np.ndarray] | None = None,
     resume: dict[str, Any] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> StageState:
-    """Train one stage, validating every `eval_every` epochs; writes last / best_* checkpoints to out_dir."""
+    """Train one stage, validating every `eval_every` epochs; writes last / best_* checkpoints to out_dir.
+
+    `progress(fraction, epoch=, epochs=, metrics=, force=)` is told how far the stage is (after every step).
+    """
     mcfg = model.config
     out_dir.mkdir(parents=True, exist_ok=True)
     epochs = _epochs(stage, cfg)
@@ -173,7 +181,12 @@ def train_stage(
     mode = map_mode(stage, cfg)
     for epoch in range(state.epoch, epochs):
         t0 = time.perf_counter()
-        losses = run_epoch(model, opt, sched, train, cfg, mcfg, stage=stage, epoch=epoch, cams=cams)
+        def on_step(step: int, steps: int, epoch: int = epoch) -> None:
+            if progress is not None:
+                progress((epoch + step / steps) / epochs, epoch=epoch + 1, epochs=epochs)
+
+        losses = run_epoch(model, opt, sched, train, cfg, mcfg, stage=stage, epoch=epoch, cams=cams,
+                           on_step=on_step)
         state.train_time_s += time.perf_counter() - t0
         state.train_images += steps_per_epoch * cfg.batch_size
         state.epoch = epoch + 1
@@ -183,6 +196,9 @@ def train_stage(
             _keep_best(model, mcfg, cfg, state, row, out_dir)
         state.history.append(row)
         logger.info("%s epoch %d/%d %s", stage, epoch + 1, epochs, _fmt(row))
+        if progress is not None:
+            progress((epoch + 1) / epochs, epoch=epoch + 1, epochs=epochs, force=True,
+                     metrics={k: row[k] for k in ("loss", "valcl_acc", "valpx_pxap") if k in row})
         extra = {
             "stage": stage,
             "optimizer": opt.state_dict(),
@@ -207,7 +223,11 @@ def _keep_best(
         state.best_acc, state.best_acc_epoch = row["valcl_acc"], row["epoch"]
         save_checkpoint(out_dir / "best_classification.pt", model, mcfg, train_config=cfg, extra={"row": row})
     pxap = row["valpx_pxap"]
-    if not math.isnan(pxap) and pxap > state.best_pxap:
+    if math.isnan(pxap) and state.best_acc_epoch == row["epoch"]:
+        # no annotated validation image: the localisation checkpoint is the classification one
+        save_checkpoint(out_dir / "best_localization.pt", model, mcfg, train_config=cfg, extra={"row": row})
+        state.best_pxap_epoch = row["epoch"]
+    elif not math.isnan(pxap) and pxap > state.best_pxap:
         state.best_pxap, state.best_pxap_epoch = pxap, row["epoch"]
         save_checkpoint(out_dir / "best_localization.pt", model, mcfg, train_config=cfg, extra={"row": row})
 

@@ -75,6 +75,29 @@ def _class_name(props: Any) -> str | None:
     return None
 
 
+def _feature_polygons(feature: Any, where: str) -> list[AnnotatedPolygon]:
+    """The polygons of one feature (none for points and lines, which mark no area)."""
+    if not isinstance(feature, dict):
+        raise AnnotationError(f"{where} is not an object")
+    geom = feature.get("geometry") or {}
+    if not isinstance(geom, dict):
+        raise AnnotationError(f"{where} has a geometry that is not an object")
+    kind, coords = geom.get("type"), geom.get("coordinates")
+    if kind not in ("Polygon", "MultiPolygon"):
+        return []
+    where = f"{where} ({kind})"
+    parts = [coords] if kind == "Polygon" else coords
+    if not isinstance(parts, list):
+        raise AnnotationError(f"{where}: coordinates must be a list")
+    name = _class_name(feature.get("properties"))
+    out = []
+    for part in parts:
+        if not isinstance(part, list) or not part:
+            raise AnnotationError(f"{where}: a polygon must be a list of rings")
+        out.append(AnnotatedPolygon(name, tuple(_ring(r, where) for r in part)))
+    return out
+
+
 def parse_annotations(doc: Any, *, source: str = "annotations") -> list[AnnotatedPolygon]:
     """The polygons of a QuPath GeoJSON export (a FeatureCollection, or a list of Features).
 
@@ -90,28 +113,7 @@ def parse_annotations(doc: Any, *, source: str = "annotations") -> list[Annotate
                               f"GeoJSON, 'Export as FeatureCollection'), got {kind!r}")
     if not isinstance(features, list):
         raise AnnotationError(f"{source}: 'features' must be a list")
-    polygons: list[AnnotatedPolygon] = []
-    for i, feature in enumerate(features):
-        if not isinstance(feature, dict):
-            raise AnnotationError(f"{source}: feature {i} is not an object")
-        geom = feature.get("geometry") or {}
-        if not isinstance(geom, dict):
-            raise AnnotationError(f"{source}: feature {i} has a geometry that is not an object")
-        name = _class_name(feature.get("properties"))
-        kind, coords = geom.get("type"), geom.get("coordinates")
-        where = f"{source}: feature {i} ({kind})"
-        if kind == "Polygon":
-            parts = [coords]
-        elif kind == "MultiPolygon":
-            parts = coords
-        else:
-            continue  # points and lines mark no area
-        if not isinstance(parts, list):
-            raise AnnotationError(f"{where}: coordinates must be a list")
-        for part in parts:
-            if not isinstance(part, list) or not part:
-                raise AnnotationError(f"{where}: a polygon must be a list of rings")
-            polygons.append(AnnotatedPolygon(name, tuple(_ring(r, where) for r in part)))
+    polygons = [p for i, feature in enumerate(features) for p in _feature_polygons(feature, f"{source}: feature {i}")]
     if not polygons:
         raise AnnotationError(f"{source} holds no Polygon or MultiPolygon feature: export the annotations "
                               "(areas), not points or lines")
