@@ -91,3 +91,29 @@ def test_fine_tuning_starts_from_a_checkpoint(run_dir: Path, manifest: Path, tmp
 def test_slides_need_a_manifest() -> None:
     with pytest.raises(ConfigError, match="needs --manifest"):
         main(["--dataset", "slides", "--run-dir", "/nonexistent"])
+
+
+def test_the_shipped_checkpoint_is_the_shipped_default_model(glas_dir: Path) -> None:
+    """init_from "default" fine-tunes the very network the service ships: same outputs on real tiles."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.runtime import Predictor
+    from training.data import read_rgb
+    from training.evaluate import to_input
+
+    ckpt = resolve_init_from("default")
+    onnx = ckpt.with_suffix(".onnx")
+    assert ckpt.parent == REPO_ROOT / "model" / "weights" and onnx.is_file()
+    model, cfg, _ = load_checkpoint(ckpt)
+    image = read_rgb(glas_dir / "images" / "testA_1.png")
+    image = cv2.resize(image, (round(image.shape[1] * 0.62005), round(image.shape[0] * 0.62005)),
+                       interpolation=cv2.INTER_AREA)
+    tiles = np.stack([image[:224, :224], image[60:284, 120:344]])
+    with torch.no_grad():
+        out = model.eval()(to_input(tiles, cfg.mean, cfg.std))
+    pred = Predictor(onnx, providers=["CPUExecutionProvider"]).predict(tiles)
+    np.testing.assert_allclose(pred.fg_prob, torch.softmax(out.fg_logits, 1)[:, 1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(pred.class_probs, torch.softmax(out.class_logits, 1).numpy(), atol=1e-4)
