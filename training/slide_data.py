@@ -171,19 +171,21 @@ def read_manifest(path: str | Path, class_names: tuple[str, ...]) -> list[SlideE
 def slide_splits(entries: list[SlideEntry], *, seed: int, valcl_frac: float, test_frac: float) -> dict[str, list[str]]:
     """Slide ids per split: the manifest's splits where given, the rest drawn per class from `seed`.
 
-    Per class, of the slides without a split, round(test_frac * n) go to test and max(1, round(valcl_frac * n))
-    (none when the class has a single slide) to valcl, preferring annotated slides for valcl; the rest train.
-    valpx is every valcl (or valpx) slide with annotations. No slide is in two splits but valcl/valpx.
+    Per class, of the slides without a split, round(test_frac * n) go to test (only when the manifest names no
+    test slide, and when the class has more than 2) and max(1, round(valcl_frac * n)) (none when the class has a
+    single slide) to valcl, preferring annotated slides for valcl; the rest train. valpx is every valcl (or valpx)
+    slide with annotations. No slide is in two splits but valcl/valpx.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     for e in entries:
         if e.split is not None:
             out["valcl" if e.split == "valpx" else e.split].append(e.id)
+    draw_test = not out["test"]
     for label in sorted({e.label for e in entries}):
         pool = sorted((e for e in entries if e.label == label and e.split is None), key=lambda e: e.id)
         order = [pool[i] for i in rng.permutation(len(pool))]
-        n_test = round(test_frac * len(order)) if len(order) > 2 else 0
+        n_test = round(test_frac * len(order)) if draw_test and len(order) > 2 else 0
         out["test"] += [e.id for e in order[:n_test]]
         rest = order[n_test:]
         n_val = max(1, round(valcl_frac * len(rest))) if len(rest) > 1 else 0

@@ -105,6 +105,10 @@ def test_manifest_splits_are_kept_and_valpx_needs_annotations() -> None:
     entries[0] = SlideEntry("benign-0", Path("b.tif"), "benign", None, None, "test", 0)
     s = slide_splits(entries, seed=0, valcl_frac=0.5, test_frac=0.0)
     assert "benign-0" in s["test"] and s["valpx"] == [] and len(s["valcl"]) == 1 + 2  # round(0.5 * 2), round(0.5 * 3)
+    held = SlideEntry("held-out", Path("h.tif"), "benign", None, None, "test", 0)
+    named = slide_splits(_entries(10) + [held], seed=0, valcl_frac=0.2, test_frac=0.2)
+    assert named["test"] == ["held-out"]  # a manifest naming test slides gets no more drawn
+    assert len(named["train"]) + len(named["valcl"]) == 20
     with pytest.raises(DatasetError, match="no training slide of class"):
         slide_splits([entries[0], *_entries(2)[2:]], seed=0, valcl_frac=0.2, test_frac=0.0)
 
