@@ -149,3 +149,16 @@ def test_bench_models_measures_every_model_in_each_round(tmp_path: Path, data_di
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(done.stdout.strip().splitlines()[-1])["results"][model.name]
     assert all(len(v) == 2 and min(v) > 0 for v in res.values()), res
+
+
+def test_bench_extract_reads_every_slide_in_flat_memory(tmp_path: Path, data_dir: Path) -> None:
+    env = dict(os.environ, PIXELCAM_DATA_DIR=str(data_dir), PIXELCAM_BENCH_DATA=str(tmp_path))
+    args = ["--width", "3072", "--height", "2048", "--counts", "1,3"]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_extract.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    one, three = report["runs"]
+    assert one["slides"] == 1 and three["slides"] == 3 and one["tiles"] > 0
+    assert three["tiles"] == 3 * one["tiles"] and min(one["tiles_per_s"], three["tiles_per_s"]) > 0
+    assert report["rss_ratio_most_vs_fewest_slides"] < 1.3  # one batch in memory, whatever the slide count
