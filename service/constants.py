@@ -17,10 +17,20 @@ JOB_FINALIZE_FLAG_KEY: Final = "job:{job_id}:finalize:{generation}"  # SET NX: t
 JOB_PENDING_KEY: Final = "job:{job_id}:pending:{generation}"  # list: chunks not yet on the stream (fairness)
 STATS_KEY: Final = "stats"  # hash: counters the workers publish for /metrics
 WORKERS_KEY: Final = "workers:alive"  # sorted set: consumer name -> last heartbeat (s)
+TRAINERS_KEY: Final = "trainers:alive"  # sorted set: trainer name -> last time it was seen (s)
 OWNER_SLIDES_KEY: Final = "owner:{key_id}:slides"  # set: slide ids uploaded with one API key
 OWNER_JOBS_KEY: Final = "owner:{key_id}:jobs"  # sorted set: job_id -> created_at (s), jobs submitted with one key
 OWNER_ACTIVE_KEY: Final = "owner:{key_id}:active"  # set: that key's jobs not yet seen finished
 ANONYMOUS: Final = "anonymous"  # the key id of requests to an open API (no keys configured)
+# Training jobs (service.jobs.training): their own stream and consumer group, one job at a time per trainer.
+TRAINING_STREAM_KEY: Final = "training-stream"  # Redis Stream of training job ids (one message per job)
+TRAINING_GROUP_NAME: Final = "trainers"  # the consumer group every trainer joins
+TRAINING_INDEX_KEY: Final = "training-jobs"  # sorted set: training id -> created_at (s)
+TRAINING_KEY: Final = "training-job:{training_id}"  # hash: state, stage, epoch, progress, metrics, model, error
+TRAINING_LEASE_KEY: Final = "training-job:{training_id}:lease"  # trainer name, expires unless renewed
+TRAINING_RUNNING_KEY: Final = "training-running"  # set: training ids in state running (what a sweep looks at)
+TRAINING_NAME_KEY: Final = "training-name:{model}"  # the training id that will register this model name
+OWNER_TRAININGS_KEY: Final = "owner:{key_id}:training-jobs"  # sorted set: training id -> created_at, per key
 
 # Message kinds on the stream.
 MSG_PLAN: Final = "plan"
@@ -35,6 +45,7 @@ STATE_DONE: Final = "done"
 STATE_FAILED: Final = "failed"
 STATE_CANCELLED: Final = "cancelled"
 JOB_STATES: Final = (STATE_QUEUED, STATE_RUNNING, STATE_STITCHING, STATE_DONE, STATE_FAILED, STATE_CANCELLED)
+TRAINING_STATES: Final = (STATE_QUEUED, STATE_RUNNING, STATE_DONE, STATE_FAILED, STATE_CANCELLED)
 TERMINAL_STATES: Final = frozenset({STATE_DONE, STATE_FAILED, STATE_CANCELLED})
 
 # Default timings (seconds unless the name says otherwise); settings may override them.
@@ -45,6 +56,9 @@ REDIS_TIMEOUT_S: Final = 30.0  # any Redis reply (workers add their blocking rea
 MAX_ATTEMPTS: Final = 3  # deliveries/failures of one message before the job is marked failed
 EVENTS_POLL_S: Final = 0.5  # how often the server-sent-event stream looks at the job
 WORKER_ALIVE_TTL_S: Final = 60.0  # a worker not seen for this long is not counted as alive
+TRAINER_LEASE_S: Final = 60.0  # a running training job whose trainer has not renewed its lease this long is failed
+TRAINING_POLL_S: Final = 0.5  # how often a trainer reads the recipe's progress.json and the job's state
+TRAINING_STOP_GRACE_S: Final = 10.0  # SIGTERM to the recipe's process group, then SIGKILL after this long
 
 # Upload and storage.
 UPLOAD_CHUNK_BYTES: Final = 1 << 20
@@ -53,6 +67,7 @@ UPLOAD_CHUNK_BYTES: Final = 1 << 20
 MAX_OVERVIEW_PX: Final = 1_000_000_000
 SLIDES_DIR: Final = "slides"
 JOBS_DIR: Final = "jobs"
+TRAINING_DIR: Final = "training"  # <storage>/training/<training id>/: request, manifest, config, the recipe's run
 MODELS_DIR: Final = "models"
 REDIS_DIR: Final = "redis"
 DEMO_MODEL_NAME: Final = "pixelcam-glas-lite0-s5"  # model/weights/<name>.onnx, served when nothing else is chosen

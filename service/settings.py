@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     default_model: str = Field(default="", description="model served when a job names none; empty: the demo model")
     max_upload_bytes: int = Field(default=20 * 1024**3, gt=0, description="largest accepted slide upload")
     workers: int = Field(default=1, ge=0, description="local worker processes started by `pixelcam serve`")
+    trainers: int = Field(default=-1, ge=-1, description=(
+        "local trainer processes started by `pixelcam serve` (each runs one training job at a time); -1: one "
+        "when torch (the `train` extra) is importable, else none; 0: none"))
+    trainer_lease_s: float = Field(default=constants.TRAINER_LEASE_S, gt=0, description=(
+        "a running training job whose trainer has not renewed its lease for this long is failed with the reason "
+        "(by the next trainer, or when the API is asked about it)"))
+    training_threads: int = Field(default=0, ge=0, description="torch threads of a training run; 0: every core "
+                                                               "the trainer may use")
     host: str = Field(default="127.0.0.1", description="address the API binds")
     port: int = Field(default=8000, ge=1, le=65535, description="port the API binds")
     chunk_size: int = Field(default=64, gt=0, description="tiles per queue message")
@@ -101,6 +109,11 @@ class Settings(BaseSettings):
                 f"PIXELCAM_HEARTBEAT_S ({self.heartbeat_s}) must be at most half of PIXELCAM_CLAIM_IDLE_S "
                 f"({self.claim_idle_s}), or busy workers lose their chunks to others"
             )
+        if self.heartbeat_s * 2 > self.trainer_lease_s:
+            raise ValueError(
+                f"PIXELCAM_HEARTBEAT_S ({self.heartbeat_s}) must be at most half of PIXELCAM_TRAINER_LEASE_S "
+                f"({self.trainer_lease_s}), or running training jobs are failed as if their trainer had died"
+            )
         return self
 
     @property
@@ -117,6 +130,11 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         """Where job outputs live: `<storage_dir>/jobs/<job_id>/`."""
         return self.storage_dir / constants.JOBS_DIR
+
+    @property
+    def training_dir(self) -> Path:
+        """Where training jobs live: `<storage_dir>/training/<training_id>/`."""
+        return self.storage_dir / constants.TRAINING_DIR
 
     @property
     def api_key_list(self) -> list[str]:

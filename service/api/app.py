@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
 from service.api.metrics import HttpMetrics, QueueCollector, http_histogram
-from service.api.routes import health, jobs, models, results, slides, tiles, viewer
+from service.api.routes import health, jobs, models, results, slides, tiles, training, viewer
 from service.api.security import SecurityMiddleware, authorize, install_log_redaction, is_open_path
 from service.jobs.queue import JobQueue, connect
 from service.jobs.storage import ModelRegistry, SlideStore
+from service.jobs.training_queue import TrainingQueue
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.info("models dir %s seeded with %s", settings.models_dir, ", ".join(seeded))
         app.state.settings = settings
         app.state.queue = queue
+        app.state.training = TrainingQueue(client, settings)
+        app.state.training.ensure_group()
         app.state.slides = SlideStore(settings.slides_dir, settings.inspect_timeout_s,
                                        settings.inspect_memory_mb << 20)
         app.state.models = registry
@@ -136,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # tiles first: `/v1/slides/{id}.dzi` would otherwise match `/v1/slides/{slide_id}`
     for router in (tiles.router, viewer.router, slides.router, jobs.router, results.router, models.router,
-                   health.router):
+                   training.router, health.router):
         app.include_router(router)
     _document_security(app, keys_required=bool(settings.api_key_list))
     return app

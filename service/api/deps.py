@@ -9,11 +9,12 @@ from fastapi import Depends, Request
 
 from service.jobs.queue import JobQueue
 from service.jobs.storage import ModelRegistry, SlideStore
+from service.jobs.training_queue import TrainingQueue
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SettingsDep", "QueueDep", "SlideStoreDep", "ModelsDep"]
+__all__ = ["SettingsDep", "QueueDep", "SlideStoreDep", "ModelsDep", "TrainingQueueDep"]
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -36,7 +37,13 @@ def get_models(request: Request) -> ModelRegistry:
     return request.app.state.models  # type: ignore[no-any-return]
 
 
+def get_training_queue(request: Request) -> TrainingQueue:
+    """The training jobs' queue opened by the app's lifespan."""
+    return request.app.state.training  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 SlideStoreDep = Annotated[SlideStore, Depends(get_slide_store)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
+TrainingQueueDep = Annotated[TrainingQueue, Depends(get_training_queue)]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, create_model
+from pydantic import BaseModel, ConfigDict, Field, Strict, create_model, model_validator
 
 from service.analysis.plan import option_specs
+from service.jobs.storage import MODEL_NAME_PATTERN
+from service.jobs.training_config import TRAINER_FIELDS, config_fields
 from service.slide.metadata import MPP_RANGE
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,11 @@ __all__ = [
     "ModelsPublic",
     "DefaultModelUpdate",
     "HealthPublic",
+    "TrainConfigIn",
+    "TrainingSlideIn",
+    "TrainingJobCreate",
+    "TrainingJobPublic",
+    "TrainingJobsPublic",
 ]
 
 
@@ -131,6 +138,10 @@ class ModelPublic(BaseModel):
     reason: str = Field(description="why the model was refused; empty when valid")
     default: bool
     metadata: dict[str, Any]
+    evaluation: dict[str, Any] | None = Field(None, description=(
+        "for a model a training job of this service made: the job's id and its evaluation on the held-out "
+        "slides (`slide_path`: slide accuracy and PxAP of the slide heatmaps, as `pixelcam analyze` computes them; "
+        "`results`: the recipe's per-model scores); null otherwise"))
 
 
 class ModelsPublic(BaseModel):
@@ -151,3 +162,105 @@ class HealthPublic(BaseModel):
 
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class _TrainConfigBase(BaseModel):
+    """Refuses the trainer's own fields and unknown names with a message that lists what may be set."""
+
+    model_config = ConfigDict(extra="forbid", title="TrainConfigIn")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            reserved = sorted(set(data) & set(TRAINER_FIELDS))
+            if reserved:
+                raise ValueError(f"{', '.join(reserved)}: set by the trainer for every job "
+                                 f"({'; '.join(TRAINER_FIELDS[n] for n in reserved)}); leave them out")
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(unknown)}; a training job may set: "
+                                 f"{', '.join(cls.model_fields)}")
+        return data
+
+
+def _train_config_model() -> type[BaseModel]:
+    """The request's `config`, field by field from the recipe's TrainConfig (types, defaults, the server's bounds),
+    so that OpenAPI shows what may be set; the recipe's own checks run at submit too."""
+    kinds: dict[type, Any] = {int: Annotated[int, Strict()], float: Annotated[float, Strict()],
+                              bool: Annotated[bool, Strict()], str: Annotated[str, Strict()],
+                              list: list[Annotated[str, Strict()]]}
+    fields: dict[str, Any] = {}
+    for spec in config_fields():
+        kind = kinds.get(spec.kind, Any)
+        note = "TrainConfig field (training/config.py); the default shown is the recipe's without `quick`"
+        fields[spec.name] = (kind, Field(spec.default, ge=spec.ge, le=spec.le, description=note))
+    return create_model("TrainConfigIn", __base__=_TrainConfigBase, **fields)
+
+
+TrainConfigIn = _train_config_model()
+
+
+class TrainingSlideIn(BaseModel):
+    """One slide of a training job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slide_id: str = Field(description="id returned by POST /v1/slides")
+    label: str = Field(description="the slide's class: one of the config's class_names (default benign, malignant)")
+    # any JSON here, so that a document of the wrong kind gets the service's own message (what to export instead)
+    annotations: Any = Field(None, json_schema_extra={"type": ["object", "null"]}, description=(
+        "optional QuPath GeoJSON FeatureCollection in level-0 pixels (File > Export objects as GeoJSON); regions "
+        "whose classification is the config's foreground_name (default Gland) score the heatmaps"))
+    mpp: float | None = MPP_FIELD
+
+
+class TrainingJobCreate(BaseModel):
+    """A request to train a model on uploaded slides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: list[TrainingSlideIn] = Field(min_length=1, max_length=10_000,
+                                          description="the slides, with a label each; every class needs one")
+    config: TrainConfigIn = Field(  # type: ignore[valid-type]
+        default_factory=TrainConfigIn, description="TrainConfig fields, e.g. {\"quick\": true} or {\"epochs\": 5}")
+    name: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description=(
+        "name of the model it registers (letters, digits, '.', '_', '-'); default trained-<first 12 digits of "
+        "the id>"))
+
+
+class TrainingJobPublic(BaseModel):
+    """A training job's state and progress."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    name: str = Field(description="the model name it registers when done")
+    state: str = Field(description="queued, running, done, failed or cancelled")
+    stage: str | None = Field(description="the recipe's current stage (extract, baseline, cams, pixelcam, evaluate, "
+                                          "export)")
+    stages: list[str] = Field(default_factory=list, description="the stages this run goes through")
+    stage_index: int | None
+    epoch: int | None = Field(description="epoch of the current stage, when it has epochs")
+    epochs: int | None
+    progress: float = Field(description="fraction of the whole run done, 0..1")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="latest metrics, e.g. valcl_acc, valpx_pxap")
+    message: str | None = Field(description="what the recipe is doing now")
+    error: str | None = Field(description="why the job failed")
+    model: str | None = Field(description="the model it registered (done jobs): use it in POST /v1/jobs")
+    model_sha256: str | None
+    evaluation: dict[str, Any] | None = Field(description="the held-out slides' scores (done jobs)")
+    slides: int = Field(description="how many slides it trains on")
+    classes: dict[str, int] = Field(default_factory=dict, description="slides per class")
+    config: dict[str, Any] = Field(default_factory=dict, description="the config fields the request set")
+    trainer: str | None = Field(description="the trainer running (or that ran) it")
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainingJobsPublic(BaseModel):
+    """Recent training jobs, newest first."""
+
+    training_jobs: list[TrainingJobPublic]

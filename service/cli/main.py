@@ -1,4 +1,4 @@
-"""The `pixelcam` command: `analyze` (`service.cli.analyze`), `serve` and `worker` (`service.cli.serve`).
+"""The `pixelcam` command: `analyze` (`service.cli.analyze`), `serve`, `worker` and `trainer` (`service.cli.serve`).
 
 The subcommands import what they run (onnxruntime, OpenCV, FastAPI, the worker) only when they run, so
 `pixelcam --help` and a usage error answer at once.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from service.cli.analyze import EXIT_USAGE, add_analyze_parser
-from service.cli.serve import add_serve_parser, add_worker_parser
+from service.cli.serve import add_serve_parser, add_trainer_parser, add_worker_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(subparsers)
     add_serve_parser(subparsers)
     add_worker_parser(subparsers)
+    add_trainer_parser(subparsers)
     return parser
 
 

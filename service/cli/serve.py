@@ -1,8 +1,10 @@
-"""`pixelcam serve` (API + local workers, embedded Redis by default) and `pixelcam worker` (a worker alone)."""
+"""`pixelcam serve` (API + local workers and trainers, embedded Redis by default), `pixelcam worker` (a worker
+alone) and `pixelcam trainer` (a trainer alone: runs training jobs, needs the `train` extra)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -18,7 +20,7 @@ from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_serve_parser", "add_worker_parser", "serve"]
+__all__ = ["add_serve_parser", "add_worker_parser", "add_trainer_parser", "serve", "torch_available", "trainer_count"]
 
 _STOP_TIMEOUT_S = 15.0
 
@@ -30,6 +32,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--host", help="address to bind (PIXELCAM_HOST)")
     p.add_argument("--port", type=int, help="port to bind (PIXELCAM_PORT)")
     p.add_argument("--workers", type=int, help="local worker processes (PIXELCAM_WORKERS)")
+    p.add_argument("--trainers", type=int, help="local trainer processes for training jobs (PIXELCAM_TRAINERS; "
+                                                "default -1: one when torch is installed, else none; 0: none)")
     p.set_defaults(func=_serve_command)
 
 
@@ -42,8 +46,32 @@ def add_worker_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.set_defaults(func=_worker_command)
 
 
+def add_trainer_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `pixelcam trainer`."""
+    p = subparsers.add_parser("trainer", help="run one trainer for training jobs (needs PIXELCAM_REDIS_URL and torch)",
+                              description="Joins the training queue at PIXELCAM_REDIS_URL and runs one training job "
+                                          "at a time (`python -m training.run` in a child process); reads slides and "
+                                          "registers models under PIXELCAM_STORAGE_DIR / PIXELCAM_MODELS_DIR, which "
+                                          "must be the storage the API uses. Needs the `train` extra (torch).")
+    p.add_argument("--burst", action="store_true", help="exit when no training job is waiting")
+    p.set_defaults(func=_trainer_command)
+
+
+def torch_available() -> bool:
+    """Whether torch (the `train` extra) can be imported here; looked up without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def trainer_count(settings: Settings) -> int:
+    """The trainers `serve` starts: the setting, or with -1 one when torch is installed and none otherwise."""
+    if settings.trainers >= 0:
+        return settings.trainers
+    return 1 if torch_available() else 0
+
+
 def _serve_command(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None}
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers),
+                                   ("trainers", args.trainers)) if v is not None}
     settings = get_settings().model_copy(update=overrides)
     return serve(settings)
 
@@ -62,6 +90,24 @@ def _worker_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_command(args: argparse.Namespace) -> int:
+    from service.jobs.trainer import Trainer  # imported when it runs, as the worker is
+
+    settings = get_settings()
+    _configure_logging(settings)
+    if not settings.redis_url:
+        logger.error("a standalone trainer needs PIXELCAM_REDIS_URL (the Redis the API uses)")
+        return 2
+    if not torch_available():
+        logger.error("the trainer runs the training recipe, which needs torch: install the `train` extra "
+                     "(pip install 'pixelcam[train]', or the docker/Dockerfile.train image)")
+        return 2
+    trainer = Trainer(settings)
+    _stop_on_signals(trainer.stop_event)
+    trainer.run(burst=args.burst)
+    return 0
+
+
 def _configure_logging(settings: Settings) -> None:
     """PIXELCAM_LOG_LEVEL for the long-running commands (the `pixelcam` entry point may have set handlers)."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,11 +123,14 @@ def _stop_on_signals(event: threading.Event) -> None:
 
 
 class _WorkerPool:
-    """Local worker processes (`python -m service.jobs.worker`), restarted when one dies."""
+    """Local worker (or trainer) processes (`python -m service.jobs.worker`), restarted when one dies."""
 
-    def __init__(self, count: int, env: dict[str, str]) -> None:
+    def __init__(self, count: int, env: dict[str, str], module: str = "service.jobs.worker",
+                 what: str = "worker") -> None:
         self.count = count
         self.env = env
+        self.module = module
+        self.what = what
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
@@ -89,17 +138,18 @@ class _WorkerPool:
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
         self._monitor.start()
-        logger.info("started %d local worker(s)", self.count)
+        logger.info("started %d local %s(s)", self.count, self.what)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "service.jobs.worker"], env=self.env,
+        return subprocess.Popen([sys.executable, "-m", self.module], env=self.env,
                                 preexec_fn=dies_with_parent(signal.SIGTERM))
 
     def _watch(self) -> None:
         while not self._stop.wait(2.0):
             for i, proc in enumerate(self.procs):
                 if proc.poll() is not None and not self._stop.is_set():
-                    logger.warning("worker pid %d exited with %s; starting a new one", proc.pid, proc.returncode)
+                    logger.warning("%s pid %d exited with %s; starting a new one", self.what, proc.pid,
+                                   proc.returncode)
                     self.procs[i] = self._spawn()
 
     def stop(self) -> None:
@@ -143,9 +193,13 @@ def serve(settings: Settings) -> int:
         settings = settings.model_copy(update={"threads": max(1, cores // settings.workers)})
     env = dict(os.environ, **settings.to_env())
     pool = _WorkerPool(settings.workers, env)
+    trainers = _WorkerPool(trainer_count(settings), env, module="service.jobs.trainer", what="trainer")
+    if settings.trainers == -1 and not trainers.count:
+        logger.info("no local trainer: torch is not installed (training jobs wait for a `pixelcam trainer`)")
     try:
         app = create_app(settings)
         pool.start()
+        trainers.start()
         logger.info("serving on http://%s:%d (redis %s)", settings.host, settings.port,
                     "embedded" if private else settings.redis_url)
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -154,6 +208,7 @@ def serve(settings: Settings) -> int:
                     timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)))
     finally:
         pool.stop()
+        trainers.stop()
         if private is not None:
             private.stop()
     stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]

@@ -41,12 +41,13 @@ from service.slide.wsi import open_slide
 logger = logging.getLogger(__name__)
 
 __all__ = ["SlideStore", "SlideRecord", "Upload", "ModelRegistry", "ModelEntry", "safe_extension", "job_dir",
-           "is_sha256", "inspect_isolated", "validate_here"]
+           "is_sha256", "inspect_isolated", "validate_here", "is_model_name", "MODEL_NAME_PATTERN"]
 
 _EXT_RE = re.compile(r"^\.[a-z0-9]{1,10}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _JOB_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MODEL_NAME_PATTERN = _MODEL_RE.pattern  # a model's name (its file's stem): what the API's schemas accept
 # formats whose slide is a set of files: the named file alone can never be opened
 _MULTI_FILE = {".mrxs": "3DHISTECH MIRAX (.mrxs + a folder of .dat files)",
                ".vms": "Hamamatsu VMS (.vms + its JPEG files)", ".vmu": "Hamamatsu VMU (.vmu + its data files)"}
@@ -55,6 +56,11 @@ _MULTI_FILE = {".mrxs": "3DHISTECH MIRAX (.mrxs + a folder of .dat files)",
 def is_sha256(text: str) -> bool:
     """True for 64 lowercase hex digits."""
     return bool(_SHA_RE.match(text))
+
+
+def is_model_name(text: str) -> bool:
+    """True for a name the models directory accepts (letters, digits, '.', '_', '-'; 1 to 100 characters)."""
+    return bool(_MODEL_RE.match(text))
 
 
 def safe_extension(filename: str | None) -> str:
@@ -356,6 +362,19 @@ class ModelEntry:
     valid: bool
     reason: str
     metadata: dict[str, Any]
+    # the evaluation a training job of this service wrote beside the model (`<name>.evaluation.json`), if any
+    evaluation: dict[str, Any] | None = None
+
+
+EVALUATION_SUFFIX = ".evaluation.json"
+
+
+def _read_evaluation(model_path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(model_path.with_name(model_path.stem + EVALUATION_SUFFIX).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 class ModelRegistry:
@@ -394,7 +413,7 @@ class ModelRegistry:
         sha = file_sha256(path)
         try:
             meta = _info_dict(read_model_metadata(path))
-            entry = ModelEntry(path.stem, path, sha, stat.st_size, True, "", meta)
+            entry = ModelEntry(path.stem, path, sha, stat.st_size, True, "", meta, _read_evaluation(path))
         except InvalidModelError as err:
             logger.warning("model %s refused: %s", path.name, err)
             entry = ModelEntry(path.stem, path, sha, stat.st_size, False, str(err), {})
@@ -443,8 +462,12 @@ class ModelRegistry:
         logger.info("default model is now %s (%s)", entry.name, entry.sha256[:12])
         return entry
 
-    def add(self, name: str, src: Path) -> ModelEntry:
-        """Validate a model file and move it into the directory under `name`; refused files are deleted."""
+    def add(self, name: str, src: Path, evaluation: dict[str, Any] | None = None) -> ModelEntry:
+        """Validate a model file and move it into the directory under `name`; refused files are deleted.
+
+        `evaluation` (a training job's report) is written beside it as `<name>.evaluation.json` first, so the
+        model never appears without it; a model added without one drops a stale file of that name.
+        """
         if not _MODEL_RE.match(name):
             raise InvalidUpload(f"{name!r} is not a usable model name: letters, digits, '.', '_' and '-' only")
         try:
@@ -458,5 +481,17 @@ class ModelRegistry:
         if dst.exists():
             src.unlink(missing_ok=True)
             raise InvalidUpload(f"a model named {dst.stem!r} exists already; upload under another name")
-        os.replace(src, dst)
+        sidecar = dst.with_name(dst.stem + EVALUATION_SUFFIX)
+        if evaluation is None:
+            sidecar.unlink(missing_ok=True)
+        else:
+            tmp = self.root / f".{sidecar.name}.{uuid.uuid4().hex}.tmp"
+            tmp.write_text(json.dumps(evaluation, indent=1))
+            os.replace(tmp, sidecar)
+        try:
+            os.replace(src, dst)
+        except OSError:
+            if evaluation is not None:
+                sidecar.unlink(missing_ok=True)
+            raise
         return self.get(dst.stem)

@@ -4,6 +4,8 @@ Redis: `PIXELCAM_TEST_REDIS_URL`, else a private Valkey per session. Every test 
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -120,3 +122,19 @@ def queue(redis_client: redis.Redis, tmp_path: Path, redis_url: str) -> Iterator
     yield q
     for key in redis_client.scan_iter(f"{q.settings.redis_prefix}:*"):
         redis_client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def mosaic_slides(tmp_path_factory: pytest.TempPathFactory, glas_dir: Path) -> list[dict[str, Any]]:
+    """Four real-tissue mosaic slides (2 benign, 2 malignant; two GlaS training images each, tiled TIFF at
+    0.62005 um/px) with their QuPath gland GeoJSON, written by `training.mosaics`: path, label, annotations."""
+    # the training side (torch) is imported only by the tests that train
+    from training.mosaics import write_mosaics
+
+    out = tmp_path_factory.mktemp("mosaics")
+    manifest = write_mosaics(glas_dir, out, images_per_slide=2, max_slides=2)
+    with manifest.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["label"] for r in rows) == ["benign", "benign", "malignant", "malignant"]
+    return [{"path": out / r["slide"], "label": r["label"],
+             "annotations": json.loads((out / r["annotations"]).read_text())} for r in rows]

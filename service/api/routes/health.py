@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import ModelsDep, QueueDep, SettingsDep
+from service.api.deps import ModelsDep, QueueDep, SettingsDep, TrainingQueueDep
 from service.api.schemas import HealthPublic, file_response
 from service.errors import ServiceError
 
@@ -26,7 +26,7 @@ def healthz() -> HealthPublic:
 
 
 @router.get("/readyz", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
-def readyz(queue: QueueDep, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
+def readyz(queue: QueueDep, models: ModelsDep, settings: SettingsDep, training: TrainingQueueDep) -> JSONResponse:
     """Readiness: Redis answers, the storage is writable and the default model is valid."""
     checks: dict[str, str] = {}
     try:
@@ -43,6 +43,7 @@ def readyz(queue: QueueDep, models: ModelsDep, settings: SettingsDep) -> JSONRes
     ready = all(v.startswith("ok") for v in checks.values())
     if checks["redis"] == "ok":  # informational: with no worker alive jobs are accepted and wait in the queue
         checks["workers"] = f"{queue.alive_workers()} alive"
+        checks["trainers"] = f"{training.alive_trainers()} alive"
     body = HealthPublic(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

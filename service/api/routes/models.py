@@ -41,7 +41,8 @@ def _default_or_none(models: ModelRegistry) -> str | None:
 def model_public(entry: ModelEntry, default: str | None) -> ModelPublic:
     """The API view of one model file."""
     return ModelPublic(name=entry.name, sha256=entry.sha256, size_bytes=entry.size_bytes, valid=entry.valid,
-                       reason=entry.reason, default=entry.name == default, metadata=entry.metadata)
+                       reason=entry.reason, default=entry.name == default, metadata=entry.metadata,
+                       evaluation=entry.evaluation)
 
 
 @router.get("", response_model=ModelsPublic)
