@@ -5,7 +5,8 @@ MultiPolygons in level-0 pixel coordinates (x right, y down) and whose `properti
 a shape marks ("Tumor", "Gland", ...). Other geometries (points, lines) carry no area and are skipped.
 
 Planes: `l0_` level-0 slide pixels, `w_` pixels of a window that starts at `l0_origin_xy` and has `scale` window
-pixels per level-0 pixel. A window pixel belongs to a polygon when its centre lies inside it (holes excluded).
+pixels per level-0 pixel. A window pixel belongs to a polygon when its centre lies inside it (holes excluded);
+pixels whose centre is within half a pixel of the outline may fall either way (OpenCV fills the outline too).
 """
 
 from __future__ import annotations
