@@ -150,7 +150,8 @@ def _retention_loop(app: FastAPI, stop: threading.Event) -> None:
     settings: Settings = app.state.settings
     while not stop.wait(settings.retention_sweep_s):
         try:
-            jobs.sweep_expired(app.state.queue, settings, app.state.slides, getattr(app.state, "tiles", None))
+            jobs.sweep_expired(app.state.queue, settings, app.state.slides, getattr(app.state, "tiles", None),
+                               training=app.state.training)
         except Exception:
             logger.exception("retention sweep failed; trying again in %g s", settings.retention_sweep_s)
 

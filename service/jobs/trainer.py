@@ -47,7 +47,7 @@ from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "last_error", "read_progress", "evaluation_summary", "main", "RECIPE_MODULE"]
+__all__ = ["Trainer", "last_error", "explain_rows", "read_progress", "evaluation_summary", "main", "RECIPE_MODULE"]
 
 RECIPE_MODULE = "training.run"
 MANIFEST_FILE = "manifest.csv"
@@ -56,6 +56,7 @@ LOG_FILE = "trainer.log"  # the recipe's stdout and stderr
 RUN_DIR = "run"
 _PROGRESS_FIELDS = ("stage", "stage_index", "epoch", "epochs", "message")
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d[ T][\d:,.]+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)$")
+_MANIFEST_ROW = re.compile(r"\bmanifest(?:\.csv)? row (\d+)")
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<type>[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)"
                              r"|KeyboardInterrupt|MemoryError)(?::\s*(?P<message>.*))?$")
 
@@ -101,6 +102,14 @@ def last_error(log_text: str, returncode: int) -> str:
     if not reason and lines:
         reason = lines[-1]
     return f"{how}: {reason}" if reason else how
+
+
+def explain_rows(text: str, slide_ids: list[str]) -> str:
+    """The recipe's "manifest row N" (1-based data rows) as the request's `slides[N-1]` with its slide id."""
+    def name(match: re.Match[str]) -> str:
+        i = int(match.group(1)) - 1
+        return f"slides[{i}] (slide {slide_ids[i]})" if 0 <= i < len(slide_ids) else match.group(0)
+    return _MANIFEST_ROW.sub(name, text)
 
 
 def evaluation_summary(report: dict[str, Any] | None, training_id: str) -> dict[str, Any]:
@@ -269,7 +278,8 @@ class Trainer:
             train_log = run_dir / "train.log"
             if not _EXCEPTION_LINE.search(text) and train_log.is_file():
                 text += "\n" + train_log.read_text(errors="replace")
-            self._fail(training_id, last_error(text, returncode))
+            reason = explain_rows(last_error(text, returncode), [s["slide_id"] for s in request["slides"]])
+            self._fail(training_id, reason)
             return
         self._register(training_id, record, run_dir)
 

@@ -333,6 +333,21 @@ class TrainingQueue:
         self.redis.zremrangebyscore(key, "-inf", time.time() - 100 * constants.WORKER_ALIVE_TTL_S)
         return int(self.redis.zcount(key, time.time() - constants.WORKER_ALIVE_TTL_S, "+inf"))
 
+    def slide_users(self, slide_id: str | None = None) -> dict[str, tuple[str, set[str]]]:
+        """Unfinished training jobs (queued or running): id -> (owner key id, the slide ids they train on); only
+        those using `slide_id` when it is given. A slide they use must stay on the storage until they end."""
+        ids = self.list_ids(None, 10_000_000)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for training_id in ids:
+                pipe.hmget(self.key(training_id), ["state", "owner", "slide_ids"])
+            rows = pipe.execute()
+        out = {}
+        for training_id, (state, owner, slide_ids) in zip(ids, rows, strict=True):
+            used = set(str(slide_ids or "").split(",")) - {""}
+            if state in (constants.STATE_QUEUED, constants.STATE_RUNNING) and (slide_id is None or slide_id in used):
+                out[training_id] = (str(owner or ""), used)
+        return out
+
     def lease_holder(self, training_id: str) -> str | None:
         """The trainer holding the job's lease, None when there is no live lease."""
         holder = self.redis.get(self.lease_key(training_id))

@@ -52,6 +52,7 @@ from service.errors import (
 )
 from service.jobs.queue import JobQueue, dumps_options
 from service.jobs.storage import ModelRegistry, SlideRecord, SlideStore, job_dir, remove_job_files
+from service.jobs.training_queue import TrainingQueue
 from service.settings import Settings
 from service.slide.metadata import MPP_RANGE
 
@@ -276,6 +277,13 @@ def delete_slide(slide_id: str, request: Request, queue: QueueDep, slides: Slide
     if active:
         raise JobConflict(f"slide {slide_id} has {len(active)} unfinished job(s) ({', '.join(active[:5])}); cancel "
                           "them (POST /v1/jobs/{job_id}/cancel), then delete the slide")
+    training: TrainingQueue = request.app.state.training
+    trainings = sorted(t for t, (owner, _) in training.slide_users(slide_id).items()
+                       if not who.authenticated or owner == who.key_id)
+    if trainings:
+        raise JobConflict(f"slide {slide_id} is used by {len(trainings)} unfinished training job(s) "
+                          f"({', '.join(trainings[:5])}); cancel them (POST /v1/training-jobs/{{id}}/cancel) or let "
+                          "them finish, then delete the slide")
     for job_id in jobs:
         erase_job(queue, settings, state, job_id)
     others = queue.slide_owners(slide_id) - {who.key_id} if who.authenticated else set()
@@ -297,7 +305,7 @@ def erase_job(queue: JobQueue, settings: Settings, state: TileState | None, job_
 
 
 def sweep_expired(queue: JobQueue, settings: Settings, slides: SlideStore, state: TileState | None,
-                  now: float | None = None) -> tuple[int, int]:
+                  now: float | None = None, training: TrainingQueue | None = None) -> tuple[int, int]:
     """Retention: delete ended jobs older than `retention_days`, then slides not uploaded within it that no job
     uses any more. Returns (jobs, slides) deleted."""
     cutoff = (time.time() if now is None else now) - settings.retention_days * 86400.0
@@ -315,6 +323,8 @@ def sweep_expired(queue: JobQueue, settings: Settings, slides: SlideStore, state
                 jobs += 1
         elif slide_id:
             in_use.add(str(slide_id))
+    if training is not None:  # slides an unfinished training job trains on stay until it ends
+        in_use.update(s for _, used in training.slide_users().values() for s in used)
     for slide_id in slides.ids_older_than(cutoff):
         if slide_id in in_use:
             continue

@@ -130,7 +130,7 @@ def create_training_job(body: TrainingJobCreate, request: Request, response: Res
     try:
         write_job_folder(settings.training_dir, training_id, checked)
         fields = {"name": name, "slides": str(len(items)), "classes": json.dumps(classes),
-                  "config": json.dumps(config)}
+                  "config": json.dumps(config), "slide_ids": ",".join(s.slide_id for s in items)}
         record = tq.submit(training_id, fields, who.key_id)
     except BaseException:
         tq.release_name(name, training_id)

@@ -4,6 +4,7 @@ leaves nothing behind; a good one is queued with its folder; admin keys create, 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
+from service.api.routes.jobs import sweep_expired
 from service.settings import Settings
 from tests.service.shell import make_settings
 
@@ -139,6 +141,15 @@ def test_a_good_request_is_queued_with_its_folder_and_can_be_cancelled_and_delet
     taken = client.post("/v1/training-jobs", json={"slides": uploaded, "name": "random"})
     assert taken.status_code == 409 and "exists already" in taken.json()["detail"]
     assert client.delete(f"/v1/training-jobs/{job['id']}").status_code == 409  # unfinished: cancel first
+    # its slides stay while it is unfinished: no delete, no retention
+    slide = uploaded[0]["slide_id"]
+    refused = client.delete(f"/v1/slides/{slide}")
+    assert refused.status_code == 409 and "unfinished training job" in refused.json()["detail"]
+    state = client.app.state  # type: ignore[attr-defined]
+    retention = settings.model_copy(update={"retention_days": 1.0})
+    assert sweep_expired(state.queue, retention, state.slides, None, now=time.time() + 1e6,
+                         training=state.training) == (0, 0)
+    assert client.get(f"/v1/slides/{slide}").status_code == 200
     cancelled = client.post(f"/v1/training-jobs/{job['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert client.post(f"/v1/training-jobs/{job['id']}/cancel").json()["state"] == "cancelled"  # idempotent
