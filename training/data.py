@@ -39,11 +39,13 @@ class Record:
 
 @dataclass
 class Sample:
-    """A record loaded at the model's scale: image (H, W, 3) uint8 and mask (H, W) bool or None."""
+    """A record loaded at the model's scale: image (H, W, 3) uint8, mask (H, W) bool or None, and for slide tiles
+    the tissue mask the service gates its heatmap with."""
 
     record: Record
     image: np.ndarray
     mask: np.ndarray | None = field(default=None)
+    tissue: np.ndarray | None = field(default=None)  # slide tiles: (H, W) bool, the service's tissue mask
 
 
 def default_data_dir() -> Path:

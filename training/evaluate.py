@@ -134,7 +134,8 @@ def evaluate_split(
             if keep_maps:
                 maps[sample.record.name] = fm
             if sample.mask is not None and (pixel_names is None or sample.record.name in pixel_names):
-                counts.add(full, sample.mask)
+                # slide tiles score 0 off the tissue mask, as the service's heatmap (tissue_only) does
+                counts.add(full if sample.tissue is None else np.where(sample.tissue, full, 0.0), sample.mask)
                 n_masked += 1
     finally:
         model.train(was_training)

@@ -7,7 +7,8 @@ an optional split (train, valcl, valpx, test). Paths are relative to the manifes
 Tiles are laid by the service's own code (`open_slide`, `detect_tissue`, `plan_tiles` at the model's input_mpp and
 input_size, the service's default min_tissue) and read by its `TileReader`, so training sees exactly the pixels
 `pixelcam analyze` feeds the model. Each slide's tiles are extracted once into `<run_dir>/tiles/<slide>-<key>/`
-(`tiles.npy` uint8 (N, S, S, 3), `masks.npy` bool (N, S, S) when the slide has annotations, `meta.json`), written in
+(`tiles.npy` uint8 (N, S, S, 3), `tissue.npy` bool (N, S, S) the service's tissue mask at each tile pixel,
+`masks.npy` bool (N, S, S) when the slide has annotations, `meta.json`), written in
 batches into a memory map and renamed into place when complete; the key hashes the slide's and the annotations'
 bytes and every setting that shapes the tiles, so a rerun reuses them and a changed slide is extracted again.
 
@@ -48,7 +49,7 @@ from service.outputs.annotations import (
 )
 from service.slide.errors import SlideError
 from service.slide.tile_reader import TileReader
-from service.slide.tiling import detect_tissue, plan_tiles
+from service.slide.tiling import TissueMask, detect_tissue, plan_tiles
 from service.slide.wsi import open_slide
 from training.data import DatasetError, Record, Sample
 
@@ -67,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_MODES = ("slide", "annotation")
 SPLITS = ("train", "valcl", "valpx", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BATCH = 64  # tiles read and written per step (bounded memory: one batch in RAM)
 INSIDE_FRACTION = 0.5  # label_from annotation: a tile is positive when at least this share is inside a region
 
@@ -244,6 +245,20 @@ def _tile_masks(polys: list[AnnotatedPolygon], l0_xy: np.ndarray, l0_tile: float
                      for x, y in l0_xy]) if len(l0_xy) else np.zeros((0, size, size), bool)
 
 
+def _tile_tissue(tissue: TissueMask, l0_xy: np.ndarray, l0_tile: float, size: int) -> np.ndarray:
+    """(n, S, S) bool: the slide's tissue mask (the one `tissue_only` gates the heatmap with) at each tile pixel's
+    centre."""
+    mask = tissue.mask
+    h, w = mask.shape
+    step = (np.arange(size) + 0.5) * (l0_tile / size)
+    out = np.empty((len(l0_xy), size, size), bool)
+    for k, (x, y) in enumerate(l0_xy):
+        cols = np.clip(((x + step) / tissue.l0_per_px).astype(np.int64), 0, w - 1)
+        rows = np.clip(((y + step) / tissue.l0_per_px).astype(np.int64), 0, h - 1)
+        out[k] = mask[np.ix_(rows, cols)]
+    return out
+
+
 def extract_slide(entry: SlideEntry, cache_root: Path, *, class_names: tuple[str, ...], input_mpp: float,
                   input_size: int, label_from: str, positive_class: str, annotation_classes: tuple[str, ...],
                   min_tissue: float | None = None, progress: bool = True) -> SlideTiles:
@@ -295,11 +310,14 @@ def extract_slide(entry: SlideEntry, cache_root: Path, *, class_names: tuple[str
                                               shape=(n, input_size, input_size, 3))
             masks = (np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.bool_,
                                                shape=(n, input_size, input_size)) if entry.annotations else None)
+            on_tissue = np.lib.format.open_memmap(tmp / "tissue.npy", mode="w+", dtype=np.bool_,
+                                                  shape=(n, input_size, input_size))
             inside = np.zeros(n, np.float32)
             bar = tqdm(total=n, desc=f"tiles {entry.id}", unit="tile", leave=False, disable=not progress)
             with TileReader(slide, plan) as reader:
                 for idx, batch in reader.iter_batches(range(n), BATCH):
                     tiles[idx] = batch
+                    on_tissue[idx] = _tile_tissue(tissue, plan.l0_xy[idx], plan.l0_tile_size, input_size)
                     if masks is not None:
                         part = _tile_masks(polys, plan.l0_xy[idx], plan.l0_tile_size, input_size, offset)
                         masks[idx] = part
@@ -307,7 +325,8 @@ def extract_slide(entry: SlideEntry, cache_root: Path, *, class_names: tuple[str
                     bar.update(len(idx))
             bar.close()
             tiles.flush()
-            del tiles
+            on_tissue.flush()
+            del tiles, on_tissue
             if masks is not None:
                 masks.flush()
                 del masks
@@ -355,6 +374,7 @@ class TileSource:
                 self.records.append(Record(f"{s.entry.id}/{int(i):05d}", s.folder / "tiles.npy", masks,
                                            int(s.labels[i]), split_of.get(s.entry.id, "train")))
         self._arrays: dict[Path, np.ndarray] = {}
+        self._by_name = {r.name: r for r in self.records}
 
     def names(self, slide_ids: list[str]) -> list[str]:
         """Tile names of these slides, in order."""
@@ -365,6 +385,11 @@ class TileSource:
         if path not in self._arrays:
             self._arrays[path] = np.load(path, mmap_mode="c")  # copy-on-write: writable views, file untouched
         return self._arrays[path]
+
+    def tissue(self, name: str) -> np.ndarray:
+        """(S, S) bool: the named tile's pixels on the slide's tissue mask."""
+        r = self._by_name[name]
+        return np.asarray(self._array(r.image_path.with_name("tissue.npy"))[int(name.rsplit("/", 1)[1])])
 
     def load(self, names: list[str]) -> list[Sample]:
         """Samples of the named tiles (images and masks are views into the memory-mapped cache)."""
@@ -377,5 +402,6 @@ class TileSource:
             r = by_name[n]
             i = int(n.rsplit("/", 1)[1])
             mask = np.asarray(self._array(r.mask_path)[i]) if r.mask_path is not None else None
-            out.append(Sample(r, np.asarray(self._array(r.image_path)[i]), mask))
+            tissue = np.asarray(self._array(r.image_path.with_name("tissue.npy"))[i])
+            out.append(Sample(r, np.asarray(self._array(r.image_path)[i]), mask, tissue))
         return out

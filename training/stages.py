@@ -390,6 +390,9 @@ def store_maps(ctx: RunContext, ckpt: Path, mode: str, out: Path) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     if mode == "pixel":  # probabilities: stretched per image like the CAMs
         res.maps = {k: _minmax_np(v) for k, v in res.maps.items()}
+    if ctx.tiles is not None:  # slide tiles: cells off the tissue mask (glass) are marked -1, never seeds
+        stride = model.config.output_stride
+        res.maps = {k: _off_tissue(v, ctx.tiles.tissue(k), stride) for k, v in res.maps.items()}
     arrays: dict[str, Any] = {k: v.astype(np.float16) for k, v in res.maps.items()}
     np.savez_compressed(out / "cams.npz", **arrays)
     wall = time.perf_counter() - t0
@@ -410,6 +413,13 @@ def store_maps(ctx: RunContext, ckpt: Path, mode: str, out: Path) -> dict[str, A
     )
     write_report(out, report, summary)
     return report
+
+
+def _off_tissue(cam: np.ndarray, tissue: np.ndarray, stride: int) -> np.ndarray:
+    """The fm map with -1 on cells less than half on tissue (`training.pseudo_labels` never seeds them)."""
+    h, w = cam.shape
+    frac = tissue[: h * stride, : w * stride].reshape(h, stride, w, stride).mean(axis=(1, 3))
+    return np.where(frac >= 0.5, cam, -1.0).astype(cam.dtype)
 
 
 def _minmax_np(a: np.ndarray) -> np.ndarray:

@@ -122,3 +122,23 @@ def test_apply_geom_pads_small_images_with_fill() -> None:
     out = apply_geom(image, GeomAug(0, 0, False, False, 0), 16, fill=7.0)
     assert out.shape == (16, 16)
     assert (out[:10, :12] == 0).all() and (out[10:] == 7).all() and (out[:, 12:] == 7).all()
+
+
+def test_negative_cells_are_never_seeds_and_bg_is_a_share_of_the_rest() -> None:
+    """Slide tiles mark glass off the tissue mask -1: fg and bg seeds come from tissue only."""
+    g = torch.Generator().manual_seed(0)
+    cam = torch.rand(4, 16, 16, generator=g)
+    cam[:, :, :10] = -1.0  # 160 of 256 cells are glass
+    for _ in range(20):
+        seeds = sample_seeds(cam, n_fg=5, n_bg=5, bg_area_frac=0.25, fg_power=2.0, generator=g)
+        on_glass = seeds[:, :, :10]
+        assert (on_glass == IGNORE_INDEX).all()
+        n_fg, n_bg = (seeds == 1).sum(dim=(1, 2)), (seeds == 0).sum(dim=(1, 2))
+        assert (n_fg >= 4).all() and (n_bg >= 4).all() and (n_fg + n_bg >= 8).all()  # a pixel drawn as both drops
+        # bg seeds are among the lowest quarter of the 96 tissue cells (24 cells)
+        tissue = cam[:, :, 10:].reshape(4, -1)
+        cut = torch.sort(tissue, dim=1).values[:, 23]
+        bg_values = [cam[i][seeds[i] == 0] for i in range(4)]
+        assert all((v <= cut[i]).all() for i, v in enumerate(bg_values))
+    empty = sample_seeds(torch.full((1, 4, 4), -1.0), generator=g)
+    assert (empty == IGNORE_INDEX).all()

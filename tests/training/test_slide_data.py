@@ -129,6 +129,11 @@ def test_tiles_are_the_service_tiles_with_masks_and_cached(mosaics: Path, tmp_pa
     masks = np.load(tiles.folder / "masks.npy")
     assert masks.shape == (len(plan), 64, 64) and 0.02 < masks.mean() < 0.9
     assert (tiles.labels == 1).all()
+    # the service's tissue mask at every tile pixel: the white glass between the pieces is off it
+    tissue = np.load(tiles.folder / "tissue.npy")
+    gray = cached.mean(axis=-1)
+    assert tissue.shape == masks.shape and 0.2 < tissue.mean() < 0.95
+    assert gray[~tissue].mean() > 235 > gray[tissue].mean() + 20
     # a rerun reuses the cache; other annotations are another key, extracted again and the old entry dropped
     again = extract_slide(entry, tmp_path / "cache", **kwargs)
     assert again.folder == tiles.folder and again.meta["extract_s"] == tiles.meta["extract_s"]
