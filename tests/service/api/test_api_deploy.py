@@ -80,3 +80,22 @@ def test_api_image_puts_the_viewer_assets_where_the_installed_viewer_looks() -> 
     assert "FROM python:3.11-slim" in text and "npm ci" in text
     swagger = viewer.swagger_dir().relative_to(Path(viewer.__file__).resolve().parents[3])
     assert re.search(rf"^\s*{re.escape(f'{site}/{swagger.as_posix()}')}\s*$", text, flags=re.M)
+
+
+def test_the_trainer_service_runs_pixelcam_trainer_on_the_shared_storage_from_the_torch_image(
+        compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    trainer = services["trainer"]
+    assert trainer["command"] == ["pixelcam", "trainer"]
+    assert trainer["build"]["dockerfile"] == "docker/Dockerfile.train"
+    env = trainer["environment"]
+    assert env["PIXELCAM_REDIS_URL"] == services["api"]["environment"]["PIXELCAM_REDIS_URL"]
+    assert f"storage:{env['PIXELCAM_STORAGE_DIR']}" in trainer["volumes"]  # the API's slides and models folder
+    assert env["PIXELCAM_STORAGE_DIR"] == services["api"]["environment"]["PIXELCAM_STORAGE_DIR"]
+    assert trainer["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert trainer["healthcheck"]["test"] and "ports" not in trainer and "container_name" not in trainer
+    # the API container never trains (its image has no torch, and it says so)
+    assert services["api"]["command"][services["api"]["command"].index("--trainers") + 1] == "0"
+    text = (REPO / "docker" / "Dockerfile.train").read_text()
+    assert re.search(r'^CMD \["pixelcam", "trainer"\]$', text, flags=re.M)
+    assert "uid 1000" in text and "uid 1000" in (REPO / "docker" / "Dockerfile").read_text()  # one owner of /data
