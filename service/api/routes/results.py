@@ -1,4 +1,4 @@
-"""`/v1/jobs/{id}/result|geojson|heatmap.png|heatmap.tif`: the files the analysis core wrote for a finished job."""
+"""`/v1/jobs/{id}/result|geojson|heatmap.png|heatmap.tif|heatmap-slide.tif`: the files of a finished job."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from service import constants
 from service.api.deps import QueueDep, SettingsDep
 from service.api.schemas import ErrorPublic, file_response
-from service.errors import ResultNotReady
+from service.errors import InvalidRequest, ResultNotReady
 from service.jobs.queue import JobQueue
 from service.jobs.storage import job_dir
+from service.outputs.slide_frame import LIKELIHOOD, SlideFrameError, write_slide_frame_heatmap
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,3 +89,35 @@ def get_heatmap_tif(job_id: str, queue: QueueDep, settings: SettingsDep) -> File
     """The slide-level probability heatmap as a tiled pyramidal TIFF."""
     path, _ = _result_file(queue, settings, job_id, "heatmap.tif")
     return FileResponse(path, media_type="image/tiff", filename=f"{job_id}-heatmap.tif")
+
+
+@router.get("/heatmap-slide.tif", responses={**_ERRORS, 422: {"model": ErrorPublic}, **file_response(
+    "the heatmap as a pyramidal TIFF in the slide's level-0 frame (QuPath, ASAP)", "image/tiff")},
+    response_class=FileResponse)
+def get_heatmap_slide_frame(
+    job_id: str,
+    queue: QueueDep,
+    settings: SettingsDep,
+    colormap: str = Query("turbo", description=f"a colour map (RGBA, alpha = analysed) or {LIKELIHOOD!r} (one "
+                                               "uint8 channel: 0 not analysed, 1..255 the probability)"),
+    downsample: int | None = Query(None, ge=1, le=1024, description="level-0 pixels per pixel of the base level "
+                                   "(1: the slide's own size); default the largest power of 2 within a cell"),
+    opacity: float = Query(0.6, ge=0, le=1, description="alpha of analysed pixels (colour maps)"),
+) -> FileResponse:
+    """The heatmap laid exactly over the slide: base level = the slide's level 0 / `downsample`, with resolution
+    tags, so ASAP's overlay and the shipped QuPath script place it (docs/analysis.md). Made once per parameter set
+    and kept with the job's files."""
+    heatmap, _ = _result_file(queue, settings, job_id, "heatmap.tif")
+    result = json.loads((heatmap.parent / "result.json").read_text())
+    hm = result["heatmap"]
+    name = f"heatmap-slide-{colormap}-{downsample or 'auto'}-{round(opacity * 100)}.tif"
+    path = heatmap.parent / name
+    if not path.is_file():
+        try:
+            write_slide_frame_heatmap(heatmap, path, l0_size_wh=tuple(hm["l0_size_wh"]),
+                                      hm_downsample=float(hm["hm_downsample"]),
+                                      l0_mpp=float(result["provenance"]["slide"]["mpp_x"]), colormap=colormap,
+                                      downsample=downsample, opacity=opacity)
+        except SlideFrameError as err:
+            raise InvalidRequest(str(err)) from err
+    return FileResponse(path, media_type="image/tiff", filename=f"{job_id}-heatmap-slide.tif")
