@@ -38,6 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SLIDE, EXIT_MPP, EXIT_MODEL = 0, 1, 2, 3, 4, 5
+SLIDE_HEATMAP = "heatmap-slide.tif"  # what the shipped QuPath script looks for beside result.geojson
 DEFAULT_MODEL_NAME = f"{constants.DEMO_MODEL_NAME}.onnx"
 
 
@@ -101,6 +102,9 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--raw-heatmap", action="store_true",
                    help="keep the model's foreground on glass too (default: cells off the tissue mask are 0)")
     p.add_argument("--gzip", action="store_true", help="write result.geojson.gz")
+    p.add_argument("--slide-heatmap", nargs="?", const="turbo", default=None, metavar="COLORMAP",
+                   help="also write heatmap-slide.tif, the heatmap in the slide's level-0 frame for QuPath (the "
+                        "shipped script) and ASAP: a colour map (default turbo) or 'likelihood'")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=analyze_command)
 
@@ -188,13 +192,30 @@ def _run_analysis(args: argparse.Namespace) -> Any:
         raise UsageError(f"--out {out} is a file; give a folder (it is created if missing) for the results")
     model_path = _model_path(args)
     predictor = Predictor(model_path, threads=args.threads)
+    if args.slide_heatmap is not None:
+        # heavy (OpenCV, tifffile): imported when asked for, as the analysis imports above
+        from service.outputs.deepzoom import COLORMAPS
+        from service.outputs.slide_frame import LIKELIHOOD
+
+        if args.slide_heatmap not in (*COLORMAPS, LIKELIHOOD):
+            raise UsageError(f"--slide-heatmap must be {LIKELIHOOD!r} or one of {', '.join(COLORMAPS)}, got "
+                             f"{args.slide_heatmap!r}")
     bar = _Bar(enabled=not args.quiet)
     try:
-        return analyze_slide(slide, predictor, out, options, progress=bar)
+        result = analyze_slide(slide, predictor, out, options, progress=bar)
     except InvalidOptionsError as err:  # options that cannot work together, or not with this model
         raise UsageError(str(err)) from err
     finally:
         bar.close()
+    if args.slide_heatmap is not None and result.result["classification"]["label"] is not None:
+        from service.outputs.slide_frame import write_slide_frame_heatmap  # heavy: as above
+
+        hm = result.result["heatmap"]
+        write_slide_frame_heatmap(result.path("heatmap"), result.out_dir / SLIDE_HEATMAP,
+                                  l0_size_wh=tuple(hm["l0_size_wh"]), hm_downsample=float(hm["hm_downsample"]),
+                                  l0_mpp=float(result.result["provenance"]["slide"]["mpp_x"]),
+                                  colormap=args.slide_heatmap)
+    return result
 
 
 def analyze_command(args: argparse.Namespace) -> int:
