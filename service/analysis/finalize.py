@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from model.runtime import ModelMetadata
 from service.analysis.chunks import TISSUE_FILE, ChunkIndex, PipelineError
 from service.analysis.plan import JobPlan
+from service.outputs.deepzoom import colormap_lut
 from service.outputs.geojson import (
     Region,
     RegionGrouper,
@@ -38,10 +40,13 @@ from service.outputs.report import (
     write_result,
 )
 from service.outputs.stitching import (
+    LEGEND_MIN_W,
     cosine_window,
+    overlay_legend,
     read_heatmap_level,
     render_overlay,
     stitch_bands,
+    with_legend,
     write_heatmap_tiff,
     write_overlay_png,
 )
@@ -176,14 +181,33 @@ def write_heatmap(
     return HeatmapOutput(meta, counter.to_dict(l0_mpp), grouper.regions())
 
 
-def write_overlay(plan: JobPlan, out: Path) -> Path:
-    """Step 2. The slide thumbnail with heatmap.tif (already in `out`) blended in, as overlay.png."""
+def write_overlay(plan: JobPlan, out: Path, result: dict[str, Any] | None = None) -> Path:
+    """Step 2. The slide thumbnail with heatmap.tif (already in `out`) blended in, as overlay.png; with the result,
+    a legend strip under it: the colour bar with the threshold, a scale bar (the job's µm/px) and the call."""
     with open_slide(plan.slide_path, mpp_override=plan.options.mpp_override) as slide:
         thumb = slide.thumbnail((THUMB_MAX, THUMB_MAX), max_upscale=THUMB_MAX_UPSCALE)
     hm = read_heatmap_level(out / OUTPUT_FILES["heatmap"], (thumb.shape[1], thumb.shape[0]))
     path = out / OUTPUT_FILES["overlay"]
-    write_overlay_png(path, render_overlay(thumb, hm, plan.grid()))
+    image = render_overlay(thumb, hm, plan.grid())
+    if result is not None:
+        image = with_legend(image, _legend(plan, result, thumb.shape[1]))
+    write_overlay_png(path, image)
     return path
+
+
+def _legend(plan: JobPlan, result: dict[str, Any], thumb_w: int) -> np.ndarray:
+    """The overlay's legend strip for this job."""
+    l0_w = float(plan.slide_info["l0_size_wh"][0])
+    mpp = float(plan.slide_info.get("mpp_x") or 0.0)
+    call = result.get("classification") or {}
+    model = result.get("provenance", {}).get("model", {})
+    meta = model.get("metadata", {})
+    text = f"{call['label']}  p={call['probability']:.3f}" if call.get("label") else "no call"
+    detail = f"model {meta.get('encoder', '?')} {str(model.get('sha256', ''))[:8]}\nresearch use only, not diagnosis"
+    strip, _ = overlay_legend(max(thumb_w, LEGEND_MIN_W), um_per_px=mpp * l0_w / thumb_w if mpp else None,
+                              threshold=plan.threshold, call=text, detail=detail, cmap_lut=colormap_lut("turbo"),
+                              label=f"{meta.get('foreground', {}).get('name', 'foreground')} probability")
+    return strip
 
 
 def _features(
@@ -320,7 +344,7 @@ def finalize_job(
     t_geojson = time.perf_counter()
     result = build_result(plan, index, model_meta, heatmap, provenance, geojson.name, {})
     del heatmap  # the outlines are summarised: the overlay must not find them still held
-    write_overlay(plan, out)
+    write_overlay(plan, out, result)
     t_overlay = time.perf_counter()
     result["timings_s"].update(stitch=round(t_stitch - t0, 3), geojson=round(t_geojson - t_stitch, 3),
                                overlay=round(t_overlay - t_geojson, 3))

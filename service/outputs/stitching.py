@@ -393,6 +393,75 @@ def render_overlay(
     return out
 
 
+LEGEND_H = 96  # px of the legend strip under the overlay
+LEGEND_MIN_W = 720  # the strip (and so the image) is at least this wide, for the three parts to fit
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_INK = (30, 30, 30)
+
+
+def nice_length(target: float) -> float:
+    """The 1, 2 or 5 x 10^k at most `target` (at least the smallest of them under it)."""
+    if target <= 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    exp = math.floor(math.log10(target))
+    for m in (5, 2, 1):
+        if m * 10**exp <= target:
+            return float(m * 10**exp)
+    return float(10**exp)
+
+
+def _length_text(um: float) -> str:
+    return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} um"
+
+
+def overlay_legend(width: int, *, um_per_px: float | None, threshold: float, call: str, detail: str,
+                   cmap_lut: np.ndarray, label: str = "foreground probability") -> tuple[np.ndarray, dict[str, Any]]:
+    """The legend strip (LEGEND_H x width, RGB): colour bar with 0 / threshold / 1, scale bar, the call.
+
+    Returns the strip and where its parts are (for the tests and the report): the colour bar's x range, the scale
+    bar's length in µm and px (None when the slide's µm/px is unknown)."""
+    strip = np.full((LEGEND_H, width, 3), 255, np.uint8)
+    # colour bar, left third
+    x0, x1, y0, y1 = 16, 16 + max(64, width // 3 - 32), 34, 54
+    ramp = np.linspace(0, 255, x1 - x0).astype(np.uint8)
+    strip[y0:y1, x0:x1] = cmap_lut[ramp][None, :, :]
+    cv2.rectangle(strip, (x0, y0), (x1 - 1, y1 - 1), _INK, 1)
+    cv2.putText(strip, label, (x0, 24), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
+    for value, text in ((0.0, "0"), (threshold, f"t={threshold:.2f}"), (1.0, "1")):
+        x = int(round(x0 + value * (x1 - x0 - 1)))
+        cv2.line(strip, (x, y1), (x, y1 + 6), _INK, 1)
+        size = cv2.getTextSize(text, _FONT, 0.4, 1)[0][0]
+        cv2.putText(strip, text, (min(max(x - size // 2, 0), width - size), y1 + 20), _FONT, 0.4, _INK, 1,
+                    cv2.LINE_AA)
+    info: dict[str, Any] = {"colour_bar_x": [x0, x1], "scale_bar_um": None, "scale_bar_px": None}
+    # scale bar, middle third
+    sx0 = width // 3 + 16
+    if um_per_px:
+        um = nice_length(um_per_px * max(8, width // 6))
+        px = int(round(um / um_per_px))
+        cv2.rectangle(strip, (sx0, 40), (sx0 + px - 1, 47), _INK, -1)
+        cv2.putText(strip, _length_text(um), (sx0, 30), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
+        info.update(scale_bar_um=um, scale_bar_px=px, scale_bar_x=[sx0, sx0 + px])
+    else:
+        cv2.putText(strip, "scale unknown (no um/px)", (sx0, 44), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
+    # the call, right third
+    cx0 = 2 * width // 3 - 24
+    cv2.putText(strip, call, (cx0, 36), _FONT, 0.6, _INK, 2, cv2.LINE_AA)
+    for k, line in enumerate(detail.split("\n")[:2]):
+        cv2.putText(strip, line, (cx0, 60 + 18 * k), _FONT, 0.4, _INK, 1, cv2.LINE_AA)
+    return strip, info
+
+
+def with_legend(overlay_rgb: np.ndarray, strip: np.ndarray) -> np.ndarray:
+    """The overlay on white, widened to the strip's width when narrower, with the strip under it."""
+    h, w = overlay_rgb.shape[:2]
+    width = strip.shape[1]
+    out = np.full((h + strip.shape[0], width, 3), 255, np.uint8)
+    out[:h, :w] = overlay_rgb
+    out[h:] = strip
+    return out
+
+
 def write_overlay_png(path: str | os.PathLike[str], overlay_rgb: np.ndarray) -> None:
     """Write an RGB overlay as PNG (atomically: encoded in memory, then renamed into place)."""
     ok, data = cv2.imencode(".png", np.ascontiguousarray(overlay_rgb[:, :, ::-1]))

@@ -7,6 +7,7 @@ import math
 import uuid
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import shapely
@@ -26,7 +27,7 @@ from service.analysis.finalize import (
 from service.analysis.inference import run_chunk
 from service.analysis.pipeline import Progress, analyze_slide, partial_heatmap
 from service.analysis.plan import AnalysisOptions, JobPlan, prepare_job
-from service.outputs.stitching import decode_heatmap, tile_footprints
+from service.outputs.stitching import LEGEND_H, LEGEND_MIN_W, decode_heatmap, tile_footprints
 from service.slide.wsi import open_slide
 
 OUTPUTS = {"result.json", "heatmap.tif", "overlay.png", "result.geojson"}
@@ -303,3 +304,6 @@ def test_finalize_steps_run_one_by_one_give_what_finalize_job_gives(
     assert doc["evidence"]["tiles_analysed"] == len(plan) and doc["timings_s"]["stitch"] == 1.0
     overlay = write_overlay(plan, out)
     assert overlay.name == OUTPUT_FILES["overlay"] and overlay.stat().st_size > 0
+    bare = cv2.imread(str(overlay))
+    with_call = cv2.imread(str(write_overlay(plan, out, doc)))  # what finalize_job writes: a legend under it
+    assert with_call.shape[0] == bare.shape[0] + LEGEND_H and with_call.shape[1] == max(bare.shape[1], LEGEND_MIN_W)

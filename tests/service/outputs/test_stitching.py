@@ -220,3 +220,36 @@ def test_overlay_png_round_trips_and_a_bad_folder_is_explained(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["overlay.png"]
     with pytest.raises(StitchError, match="writable"):
         write_overlay_png(tmp_path / "missing" / "overlay.png", rgb)
+
+
+def test_nice_lengths_are_1_2_5_steps() -> None:
+    from service.outputs.stitching import nice_length
+
+    assert [nice_length(t) for t in (0.7, 1, 3.9, 7, 19, 230, 4999)] == [0.5, 1, 2, 5, 10, 200, 2000]
+    with pytest.raises(ValueError):
+        nice_length(0)
+
+
+def test_the_legend_has_the_colour_bar_a_true_scale_bar_and_the_call() -> None:
+    from service.outputs.deepzoom import colormap_lut
+    from service.outputs.stitching import LEGEND_H, overlay_legend, with_legend
+
+    lut = colormap_lut("turbo")
+    strip, info = overlay_legend(900, um_per_px=3.7, threshold=0.3, call="malignant  p=0.990",
+                                 detail="model x\nresearch use only", cmap_lut=lut)
+    assert strip.shape == (LEGEND_H, 900, 3)
+    x0, x1 = info["colour_bar_x"]
+    bar = strip[44, x0 + 1 : x1 - 1]  # one row inside the bar: the colour map from 0 to 1, left to right
+    assert np.abs(bar[0].astype(int) - lut[0]).max() <= 8 and np.abs(bar[-1].astype(int) - lut[255]).max() <= 8
+    um, px = info["scale_bar_um"], info["scale_bar_px"]
+    assert um == 500 and px == round(500 / 3.7)  # 1, 2, 5 x 10^k µm, drawn at the image's µm/px
+    sx0, sx1 = info["scale_bar_x"]
+    dark = np.flatnonzero(strip[44, :, 0] < 60)
+    assert dark[(dark >= sx0 - 2) & (dark <= sx1 + 2)].size == px
+    assert (strip[:, 600:] < 100).any()  # the call is written on the right
+    unknown, info2 = overlay_legend(900, um_per_px=None, threshold=0.3, call="c", detail="d", cmap_lut=lut)
+    assert info2["scale_bar_px"] is None and unknown.shape == strip.shape
+    small = np.zeros((50, 300, 3), np.uint8)
+    framed = with_legend(small, strip)
+    assert framed.shape == (50 + LEGEND_H, 900, 3) and (framed[:50, 300:] == 255).all()
+    assert (framed[:50, :300] == 0).all() and (framed[50:] == strip).all()
