@@ -13,6 +13,7 @@ dense inference when the model allows, stitching). Scored against the labels and
 
     python -m training.slide_eval MODEL.onnx [--split test|train|valcl|valpx --splits RUN/splits.json]
         [--out DIR] [--limit N] [--data-dir DIR]
+    python -m training.slide_eval MODEL.onnx --manifest manifest.csv [--split test|all]   # a slides manifest
 
 Planes: `l0_` level-0 slide pixels = image pixels at the source resolution, `hm_` heatmap cells.
 """
@@ -41,7 +42,7 @@ from service.outputs.stitching import decode_heatmap
 from training.config import GLAS_MPP
 from training.data import Record, default_data_dir, load_glas, read_rgb
 from training.metrics import PixelCounts, accuracy
-from training.slide_data import SlideEntry
+from training.slide_data import SlideEntry, annotation_names, read_manifest
 
 __all__ = ["SlideEvaluation", "eval_step", "evaluate_as_slides", "evaluate_slide_entries", "heatmap_at_pixels",
            "heatmap_on_grid", "main", "write_slide"]
@@ -219,9 +220,12 @@ def _records(data_dir: Path, split: str, limit: int | None, splits_path: Path | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.slide_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="a pixelcam .onnx model")
-    ap.add_argument("--split", choices=["test", "train", "valcl", "valpx"], default="test",
+    ap.add_argument("--split", choices=["test", "train", "valcl", "valpx", "all"], default="test",
                     help="GlaS testA/testB (default), train, or a run's valcl/valpx (with --splits)")
     ap.add_argument("--splits", type=Path, default=None, help="a run's splits.json, for --split valcl/valpx")
+    ap.add_argument("--manifest", type=Path, default=None,
+                    help="score the slides of a --dataset slides manifest instead (those of --split, by the "
+                         "manifest's split column; every slide with --split all)")
     ap.add_argument("--data-dir", type=Path, default=None, help="the folder holding glas/ (PIXELCAM_DATA_DIR)")
     ap.add_argument("--out", type=Path, default=None, help="folder for report.json (and the slides with --keep)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -230,14 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the written slides and analyses under --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.split == "all" and args.manifest is None:
+        ap.error("--split all is for --manifest (every slide of it)")
     predictor = Predictor(args.model, threads=args.threads)
-    records = _records(args.data_dir or default_data_dir(), args.split, args.limit, args.splits)
     out = args.out or Path.cwd() / "slide_eval"
     out.mkdir(parents=True, exist_ok=True)
     options = AnalysisOptions(inference=args.inference)
     with tempfile.TemporaryDirectory(prefix="pixelcam-slide-eval-") as tmp:
         work = out / "work" if args.keep else Path(tmp)
-        result = evaluate_as_slides(predictor, records, work, options=options)
+        if args.manifest is not None:
+            meta = predictor.metadata
+            entries = [e for e in read_manifest(args.manifest, tuple(meta.class_names))
+                       if args.split == "all" or (e.split or "train") == args.split][: args.limit]
+            result = evaluate_slide_entries(predictor, entries, work, options=options,
+                                            annotation_classes=annotation_names(meta.foreground_name,
+                                                                                meta.positive_class))
+        else:
+            records = _records(args.data_dir or default_data_dir(), args.split, args.limit, args.splits)
+            result = evaluate_as_slides(predictor, records, work, options=options)
     report = {"model": str(args.model.name), "model_sha256": predictor.sha256, "split": args.split,
               **result.to_dict()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
