@@ -105,6 +105,8 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--slide-heatmap", nargs="?", const="turbo", default=None, metavar="COLORMAP",
                    help="also write heatmap-slide.tif, the heatmap in the slide's level-0 frame for QuPath (the "
                         "shipped script) and ASAP: a colour map (default turbo) or 'likelihood'")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.html: one self-contained page a pathologist can read (docs/analysis.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=analyze_command)
 
@@ -215,6 +217,10 @@ def _run_analysis(args: argparse.Namespace) -> Any:
                                   l0_size_wh=tuple(hm["l0_size_wh"]), hm_downsample=float(hm["hm_downsample"]),
                                   l0_mpp=float(result.result["provenance"]["slide"]["mpp_x"]),
                                   colormap=args.slide_heatmap)
+    if args.report:
+        from service.analysis.html_report import write_html_report  # heavy: as above
+
+        write_html_report(result.out_dir, slide, mpp_override=args.mpp)
     return result
 
 

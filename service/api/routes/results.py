@@ -1,4 +1,4 @@
-"""`/v1/jobs/{id}/result|geojson|heatmap.png|heatmap.tif|heatmap-slide.tif`: the files of a finished job."""
+"""`/v1/jobs/{id}/result|geojson|heatmap.png|heatmap.tif|heatmap-slide.tif|report`: the files of a finished job."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from service import constants
-from service.api.deps import QueueDep, SettingsDep
+from service.analysis.html_report import REPORT_FILE, write_html_report
+from service.api.deps import QueueDep, SettingsDep, SlideStoreDep
 from service.api.schemas import ErrorPublic, file_response
 from service.errors import InvalidRequest, ResultNotReady
 from service.jobs.queue import JobQueue
@@ -121,3 +122,18 @@ def get_heatmap_slide_frame(
         except SlideFrameError as err:
             raise InvalidRequest(str(err)) from err
     return FileResponse(path, media_type="image/tiff", filename=f"{job_id}-heatmap-slide.tif")
+
+
+@router.get("/report", responses={**_ERRORS, **file_response("the slide report, one self-contained HTML page",
+                                                             "text/html")}, response_class=HTMLResponse)
+def get_report(job_id: str, queue: QueueDep, settings: SettingsDep, slides: SlideStoreDep) -> FileResponse:
+    """A report a pathologist can read: thumbnail and overlay, the call and why, the evidence with the largest
+    regions, the model and its card's numbers, provenance and caveats. Made once and kept with the job's files;
+    nothing in it is fetched from elsewhere."""
+    result, record = _result_file(queue, settings, job_id, "result.json")
+    path = result.parent / REPORT_FILE
+    if not path.is_file():
+        options = json.loads(record.get("options") or "{}")
+        mpp = options.get("mpp_override") or (float(record["mpp"]) if record.get("mpp") else None)
+        write_html_report(result.parent, slides.get(record["slide_id"]).path, mpp_override=mpp)
+    return FileResponse(path, media_type="text/html; charset=utf-8")

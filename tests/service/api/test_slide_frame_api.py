@@ -11,7 +11,7 @@ import tifffile
 import tiffslide
 from fastapi.testclient import TestClient
 
-from service.jobs.storage import job_dir
+from service.jobs.storage import SlideStore, job_dir
 from service.settings import Settings
 from tests.service.api.test_viewer_api import CMU_WH, HM_DS, app_settings, client, make_finished_job, slide_id
 
@@ -46,3 +46,18 @@ def test_the_slide_frame_heatmap_has_the_slide_geometry(client: TestClient, app_
     assert bad.status_code == 422 and "colormap must be" in bad.json()["detail"]
     assert client.get(f"/v1/jobs/{job_id}/heatmap-slide.tif", params={"downsample": 0}).status_code == 422
     assert client.get(f"/v1/jobs/{'cd' * 16}/heatmap-slide.tif").status_code == 404
+
+
+def test_the_report_of_a_finished_job_is_one_self_contained_page(client: TestClient, app_settings: Settings,
+                                                                 slide_id: str, random_predictor: object) -> None:
+    from service.analysis.pipeline import analyze_slide
+
+    job_id = make_finished_job(app_settings, slide_id, job_id="ef" * 16)
+    folder = job_dir(app_settings.jobs_dir, job_id)
+    stored = SlideStore(app_settings.slides_dir).get(slide_id).path
+    result = analyze_slide(stored, random_predictor, folder).result  # the files a worker leaves
+    resp = client.get(f"/v1/jobs/{job_id}/report")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert f"p = {result['classification']['probability']:.3f}" in resp.text and "src='http" not in resp.text
+    assert (folder / "report.html").is_file()
+    assert client.get(f"/v1/jobs/{'cd' * 16}/report").status_code == 404
