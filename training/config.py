@@ -37,6 +37,12 @@ class TrainConfig:
     manifest: str = ""  # dataset slides: CSV/YAML slide,label[,annotations][,mpp][,split] (training.slide_data)
     label_from: str = "slide"  # dataset slides: "slide" (every tile its slide's class) or "annotation" (regions)
     test_frac: float = 0.2  # dataset slides: share of each class's slides (without a split) held out as test
+    # dataset slides: training tiles need this tissue fraction (the service's tiles need 0.1; validation and test
+    # keep them all): tiles that are mostly glass teach the classifier glass
+    train_min_tissue: float = 0.0
+    # dataset slides: context read around each tile, model px per side; training draws random input_size crops from
+    # the (S + 2m)² image (as the image recipe crops images), validation scores it whole
+    tile_margin: int = 0
     data_dir: str = ""  # default: $PIXELCAM_DATA_DIR/glas for glas
     source_mpp: float = GLAS_MPP  # µm/px of the stored images
     max_images: int = 0  # > 0: keep only this many train-subset and test-subset images each (tests)
@@ -124,6 +130,10 @@ class TrainConfig:
                               "slide,label[,annotations][,mpp][,split] (docs/training.md)")
         if self.label_from not in ("slide", "annotation"):
             raise ConfigError(f"label_from must be 'slide' or 'annotation', got {self.label_from!r}")
+        if not 0 <= self.tile_margin <= self.input_size:
+            raise ConfigError(f"tile_margin must be in [0, input_size], got {self.tile_margin}")
+        if not 0 <= self.train_min_tissue <= 1:
+            raise ConfigError(f"train_min_tissue must be in [0, 1], got {self.train_min_tissue}")
         if not 0 <= self.test_frac < 1:
             raise ConfigError(f"test_frac must be in [0, 1), got {self.test_frac}")
         if not 0 < self.valcl_frac < 1:

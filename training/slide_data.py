@@ -49,7 +49,7 @@ from service.outputs.annotations import (
 )
 from service.slide.errors import SlideError
 from service.slide.tile_reader import TileReader
-from service.slide.tiling import TissueMask, detect_tissue, plan_tiles
+from service.slide.tiling import TilePlan, TissueMask, detect_tissue, plan_tiles
 from service.slide.wsi import open_slide
 from training.data import DatasetError, Record, Sample
 
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_MODES = ("slide", "annotation")
 SPLITS = ("train", "valcl", "valpx", "test")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 BATCH = 64  # tiles read and written per step (bounded memory: one batch in RAM)
 INSIDE_FRACTION = 0.5  # label_from annotation: a tile is positive when at least this share is inside a region
 
@@ -259,17 +259,32 @@ def _tile_tissue(tissue: TissueMask, l0_xy: np.ndarray, l0_tile: float, size: in
     return out
 
 
+def context_plan(plan: TilePlan, margin: int) -> TilePlan:
+    """The same tiles grown by `margin` model-input px on every side (read by the same reader; the centre S x S of
+    each is the service's tile, byte for byte; outside the slide reads as white)."""
+    if margin == 0:
+        return plan
+    s = plan.input_size
+    l0_margin = int(round(margin * plan.l0_tile_size / s))
+    return dataclasses.replace(plan, l0_xy=plan.l0_xy - l0_margin, l0_tile_size=plan.l0_tile_size * (s + 2 * margin) / s,
+                               lvl_tile_size=int(round(plan.lvl_tile_size * (s + 2 * margin) / s)),
+                               input_size=s + 2 * margin)
+
+
 def extract_slide(entry: SlideEntry, cache_root: Path, *, class_names: tuple[str, ...], input_mpp: float,
                   input_size: int, label_from: str, positive_class: str, annotation_classes: tuple[str, ...],
-                  min_tissue: float | None = None, progress: bool = True) -> SlideTiles:
-    """The slide's tiles, from the cache when its key matches, else read now (in batches) and cached."""
+                  min_tissue: float | None = None, margin: int = 0, progress: bool = True) -> SlideTiles:
+    """The slide's tiles, from the cache when its key matches, else read now (in batches) and cached.
+
+    With `margin` m > 0 each cached image is the tile with m px of context on every side ((S + 2m)², the tile at
+    [m, m + S)), so that training can draw random S x S crops around it as the image recipe does."""
     if label_from not in LABEL_MODES:
         raise DatasetError(f"label_from must be one of {LABEL_MODES}, got {label_from!r}")
     min_tissue = AnalysisOptions().min_tissue if min_tissue is None else min_tissue
     ann_sha = file_sha256(entry.annotations) if entry.annotations else None
     key_doc = {"version": CACHE_VERSION, "slide_sha256": _sha256_bytes(_slide_file(entry.path)),
                "annotations_sha256": ann_sha, "mpp": entry.mpp, "input_mpp": input_mpp, "input_size": input_size,
-               "min_tissue": min_tissue, "label_from": label_from, "label": entry.label,
+               "min_tissue": min_tissue, "margin": margin, "label_from": label_from, "label": entry.label,
                "class_names": list(class_names), "positive_class": positive_class,
                "annotation_classes": sorted(c.casefold() for c in annotation_classes)}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -301,27 +316,28 @@ def extract_slide(entry: SlideEntry, cache_root: Path, *, class_names: tuple[str
             info = slide.info
             tissue = detect_tissue(slide)
             plan = plan_tiles(info, tissue, input_mpp=input_mpp, input_size=input_size, min_tissue=min_tissue)
+            read = context_plan(plan, margin)
+            side = input_size + 2 * margin
             offset = (int(info.bounds[0]), int(info.bounds[1])) if info.bounds else (0, 0)
             tmp = cache_root / f".{folder.name}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             n = len(plan)
-            tiles = np.lib.format.open_memmap(tmp / "tiles.npy", mode="w+", dtype=np.uint8,
-                                              shape=(n, input_size, input_size, 3))
-            masks = (np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.bool_,
-                                               shape=(n, input_size, input_size)) if entry.annotations else None)
-            on_tissue = np.lib.format.open_memmap(tmp / "tissue.npy", mode="w+", dtype=np.bool_,
-                                                  shape=(n, input_size, input_size))
+            tiles = np.lib.format.open_memmap(tmp / "tiles.npy", mode="w+", dtype=np.uint8, shape=(n, side, side, 3))
+            masks = (np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, side, side))
+                     if entry.annotations else None)
+            on_tissue = np.lib.format.open_memmap(tmp / "tissue.npy", mode="w+", dtype=np.bool_, shape=(n, side, side))
             inside = np.zeros(n, np.float32)
             bar = tqdm(total=n, desc=f"tiles {entry.id}", unit="tile", leave=False, disable=not progress)
-            with TileReader(slide, plan) as reader:
+            core = slice(margin, margin + input_size)
+            with TileReader(slide, read) as reader:
                 for idx, batch in reader.iter_batches(range(n), BATCH):
                     tiles[idx] = batch
-                    on_tissue[idx] = _tile_tissue(tissue, plan.l0_xy[idx], plan.l0_tile_size, input_size)
+                    on_tissue[idx] = _tile_tissue(tissue, read.l0_xy[idx], read.l0_tile_size, side)
                     if masks is not None:
-                        part = _tile_masks(polys, plan.l0_xy[idx], plan.l0_tile_size, input_size, offset)
+                        part = _tile_masks(polys, read.l0_xy[idx], read.l0_tile_size, side, offset)
                         masks[idx] = part
-                        inside[idx] = part.reshape(len(part), -1).mean(axis=1)
+                        inside[idx] = part[:, core, core].reshape(len(part), -1).mean(axis=1)
                     bar.update(len(idx))
             bar.close()
             tiles.flush()
@@ -335,7 +351,8 @@ def extract_slide(entry: SlideEntry, cache_root: Path, *, class_names: tuple[str
     labels = _tile_labels(entry, inside, class_names, label_from, positive_class)
     meta = {**key_doc, "slide": entry.id, "n_tiles": int(n), "labels": labels.tolist(),
             "has_masks": entry.annotations is not None, "annotation_counts": counts,
-            "l0_xy": plan.l0_xy.tolist(), "l0_tile_size": plan.l0_tile_size, "slide_mpp": info.mpp,
+            "l0_xy": plan.l0_xy.tolist(), "tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction],
+            "l0_tile_size": plan.l0_tile_size, "slide_mpp": info.mpp,
             "mpp_source": info.mpp_source,
             "extract_s": round(time.perf_counter() - t0, 3)}
     (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -361,12 +378,15 @@ class TileSource:
     """Records and samples of the extracted tiles: a record per kept tile, named `<slide id>/<tile index>`."""
 
     def __init__(self, slides: list[SlideTiles], split_of: dict[str, str], *, max_per_slide: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, train_min_tissue: float = 0.0) -> None:
         self.slides = {s.entry.id: s for s in slides}
         self.records: list[Record] = []
         rng = np.random.default_rng(seed)
         for s in slides:
-            keep = np.flatnonzero(s.labels >= 0)
+            usable = s.labels >= 0
+            if train_min_tissue > 0 and split_of.get(s.entry.id, "train") == "train":
+                usable &= np.asarray(s.meta["tissue_fraction"], np.float32) >= train_min_tissue
+            keep = np.flatnonzero(usable)
             if max_per_slide > 0 and len(keep) > max_per_slide:
                 keep = np.sort(rng.choice(keep, max_per_slide, replace=False))
             masks = s.folder / "masks.npy" if s.has_masks else None

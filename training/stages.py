@@ -167,10 +167,11 @@ def _prepare_slides(cfg: TrainConfig, run_dir: Path, progress: RunProgress | Non
         extracted.append(extract_slide(
             entry, run_dir / "tiles", class_names=tuple(cfg.class_names), input_mpp=cfg.input_mpp,
             input_size=cfg.input_size, label_from=cfg.label_from, positive_class=cfg.positive_class,
-            annotation_classes=classes))
+            annotation_classes=classes, margin=cfg.tile_margin))
         if progress is not None:
             progress.update((k + 1) / len(entries), message=f"tiles of {k + 1}/{len(entries)} slides", force=True)
-    source = TileSource(extracted, split_of, max_per_slide=cfg.max_images, seed=cfg.seed)
+    source = TileSource(extracted, split_of, max_per_slide=cfg.max_images, seed=cfg.seed,
+                        train_min_tissue=cfg.train_min_tissue)
     splits = {s: source.names(by_slide[s]) for s in ("train", "valcl", "valpx", "test")}
     empty = [e.entry.id for e in extracted if e.entry.id in split_of and not source.names([e.entry.id])]
     if empty:

@@ -164,3 +164,22 @@ def test_label_from_annotation_keeps_positive_tiles_inside_regions(mosaics: Path
 
 def _meta_dict() -> dict:
     return read_model_metadata(REPO_ROOT / "model" / "weights" / "pixelcam-glas-lite0-s5.onnx").to_dict()
+
+
+def test_context_margin_keeps_the_service_tile_at_the_centre(mosaics: Path, tmp_path: Path) -> None:
+    """Byte for byte when the read is an integer multiple of the input (here 2 x: 1.2401 µm/px on a 0.62005 scan);
+    otherwise the same pixels resampled on a grid shifted by less than a pixel."""
+    entry = read_manifest(mosaics, CLASSES)[0]
+    kwargs = {"class_names": CLASSES, "input_mpp": 1.2401, "input_size": 64, "label_from": "slide",
+              "positive_class": "malignant", "annotation_classes": ("Gland",), "progress": False}
+    plain = extract_slide(entry, tmp_path / "a", **kwargs)
+    wide = extract_slide(entry, tmp_path / "b", margin=16, **kwargs)
+    tiles, ctx = np.load(plain.folder / "tiles.npy"), np.load(wide.folder / "tiles.npy")
+    assert ctx.shape == (plain.n_tiles, 96, 96, 3) and wide.n_tiles == plain.n_tiles
+    np.testing.assert_array_equal(ctx[:, 16:80, 16:80], tiles)
+    masks, ctx_masks = np.load(plain.folder / "masks.npy"), np.load(wide.folder / "masks.npy")
+    assert (ctx_masks[:, 16:80, 16:80] == masks).mean() > 0.995  # rasterised per window: edge pixels may differ
+    assert ctx_masks.sum() > masks.sum()
+    source = TileSource([wide], {wide.entry.id: "train"})
+    sample = source.load([source.records[0].name])[0]
+    assert sample.image.shape == (96, 96, 3) and sample.tissue is not None and sample.tissue.shape == (96, 96)
