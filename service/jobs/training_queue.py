@@ -184,7 +184,7 @@ class TrainingQueue:
     def submit(self, training_id: str, fields: Mapping[str, str], owner: str) -> dict[str, str]:
         """Create the job record, index it (and under its key) and queue its message, in one transaction."""
         now = f"{time.time():.3f}"
-        record = {**fields, "training_id": training_id, "state": constants.STATE_QUEUED, "owner": owner,
+        record: dict[Any, Any] = {**fields, "training_id": training_id, "state": constants.STATE_QUEUED, "owner": owner,
                   "created_at": now, "started_at": "", "finished_at": "", "error": "", "stage": "", "progress": "0",
                   "metrics": "{}", "model": "", "model_sha256": "", "trainer": "", "msg_id": ""}
         with self.redis.pipeline(transaction=True) as pipe:
@@ -246,7 +246,8 @@ class TrainingQueue:
 
     def start(self, training_id: str, trainer: str, msg: TrainingMessage) -> bool:
         """queued -> running under this trainer, with a fresh lease; False when the job is not queued."""
-        args = [trainer, int(self.settings.trainer_lease_s * 1000), f"{time.time():.3f}", msg.msg_id, training_id]
+        args: list[Any] = [trainer, int(self.settings.trainer_lease_s * 1000), f"{time.time():.3f}", msg.msg_id,
+                           training_id]
         return bool(self._start(keys=[self.key(training_id), self.lease_key(training_id), self.running_key],
                                 args=args))
 
@@ -347,6 +348,16 @@ class TrainingQueue:
             if state in (constants.STATE_QUEUED, constants.STATE_RUNNING) and (slide_id is None or slide_id in used):
                 out[training_id] = (str(owner or ""), used)
         return out
+
+    def ended_before(self, cutoff_s: float) -> list[str]:
+        """Ids of the training jobs that ended (done, failed, cancelled) before `cutoff_s` (for retention)."""
+        ids = self.list_ids(None, 10_000_000)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for training_id in ids:
+                pipe.hmget(self.key(training_id), ["state", "finished_at"])
+            rows = pipe.execute()
+        return [t for t, (state, finished) in zip(ids, rows, strict=True)
+                if state in constants.TERMINAL_STATES and finished and float(finished) < cutoff_s]
 
     def lease_holder(self, training_id: str) -> str | None:
         """The trainer holding the job's lease, None when there is no live lease."""

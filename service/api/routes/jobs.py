@@ -52,7 +52,8 @@ from service.errors import (
 )
 from service.jobs.queue import JobQueue, dumps_options
 from service.jobs.storage import ModelRegistry, SlideRecord, SlideStore, job_dir, remove_job_files
-from service.jobs.training_queue import TrainingQueue
+from service.jobs.training_queue import TrainingJobNotFound, TrainingQueue
+from service.jobs.training_request import remove_training_files
 from service.settings import Settings
 from service.slide.metadata import MPP_RANGE
 
@@ -306,8 +307,9 @@ def erase_job(queue: JobQueue, settings: Settings, state: TileState | None, job_
 
 def sweep_expired(queue: JobQueue, settings: Settings, slides: SlideStore, state: TileState | None,
                   now: float | None = None, training: TrainingQueue | None = None) -> tuple[int, int]:
-    """Retention: delete ended jobs older than `retention_days`, then slides not uploaded within it that no job
-    uses any more. Returns (jobs, slides) deleted."""
+    """Retention: delete ended jobs (and ended training jobs: their record and folder, not their model) older than
+    `retention_days`, then slides not uploaded within it that no job uses any more. Returns (jobs, slides)
+    deleted, training jobs counted with the jobs."""
     cutoff = (time.time() if now is None else now) - settings.retention_days * 86400.0
     job_ids = queue.list_ids(10_000_000)
     with queue.redis.pipeline(transaction=False) as pipe:
@@ -323,7 +325,13 @@ def sweep_expired(queue: JobQueue, settings: Settings, slides: SlideStore, state
                 jobs += 1
         elif slide_id:
             in_use.add(str(slide_id))
-    if training is not None:  # slides an unfinished training job trains on stay until it ends
+    if training is not None:
+        for training_id in training.ended_before(cutoff):
+            with contextlib.suppress(TrainingJobNotFound, JobConflict):
+                training.delete(training_id)
+                remove_training_files(settings.training_dir, training_id)
+                jobs += 1
+        # slides an unfinished training job trains on stay until it ends
         in_use.update(s for _, used in training.slide_users().values() for s in used)
     for slide_id in slides.ids_older_than(cutoff):
         if slide_id in in_use:

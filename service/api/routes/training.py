@@ -119,7 +119,7 @@ def create_training_job(body: TrainingJobCreate, request: Request, response: Res
     training_id = uuid.uuid4().hex
     name = body.name or f"trained-{training_id[:12]}"
     items = [TrainingSlide(s.slide_id, s.label, s.annotations, s.mpp) for s in body.slides]
-    config = body.config.model_dump(exclude_unset=True)
+    config = body.config.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
     checked = check_request(items, config, name, slides, lambda slide_id: owns_slide(queue, who, slide_id))
     if (models.root / f"{name}.onnx").exists():
         raise JobConflict(f"a model named {name!r} exists already; give the training job another \"name\"")

@@ -159,10 +159,15 @@ def test_a_good_request_is_queued_with_its_folder_and_can_be_cancelled_and_delet
     # the name is free again once the job ended
     reuse = client.post("/v1/training-jobs", json={"slides": uploaded, "config": {"quick": True}, "name": "mine-v1"})
     assert reuse.status_code == 202, reuse.text
-    assert client.delete(f"/v1/training-jobs/{job['id']}").status_code == 204
-    assert not folder.exists()
-    assert client.get(f"/v1/training-jobs/{job['id']}").status_code == 404
+    # retention takes the ended job (record and folder), not the queued one nor the slides it trains on
+    assert sweep_expired(state.queue, retention, state.slides, None, now=time.time() + 1e6,
+                         training=state.training) == (1, 0)
+    assert not folder.exists() and client.get(f"/v1/training-jobs/{job['id']}").status_code == 404
     assert [j["id"] for j in client.get("/v1/training-jobs").json()["training_jobs"]] == [reuse.json()["id"]]
+    assert client.post(f"/v1/training-jobs/{reuse.json()['id']}/cancel").status_code == 200
+    assert client.delete(f"/v1/training-jobs/{reuse.json()['id']}").status_code == 204
+    assert not (settings.training_dir / reuse.json()["id"]).exists()
+    assert client.get(f"/v1/training-jobs/{reuse.json()['id']}").status_code == 404
     default_name = client.post("/v1/training-jobs", json={"slides": uploaded})
     assert default_name.status_code == 202
     assert default_name.json()["name"] == f"trained-{default_name.json()['id'][:12]}"
