@@ -189,7 +189,11 @@ async def _events(tq: TrainingQueue, models: ModelRegistry, request: Request, tr
     """Server-sent events: one `progress` event per change, then `end` once the job has ended."""
     last = ""
     while True:
-        record = await run_in_threadpool(_owned, tq, models, request, training_id)
+        try:
+            record = await run_in_threadpool(_owned, tq, models, request, training_id)
+        except TrainingJobNotFound:  # deleted while followed
+            yield f"event: end\ndata: {json.dumps({'state': 'deleted', 'model': None})}\n\n"
+            return
         alive = await run_in_threadpool(tq.alive_trainers)
         payload = training_public(record, alive).model_dump_json()
         if payload != last:
