@@ -59,7 +59,7 @@ def test_serve_starts_a_trainer_that_runs_a_training_job(tmp_path: Path, shell_m
             resp = httpx.post(f"{base}/v1/slides", params={"filename": m["path"].name},
                               content=m["path"].read_bytes(), timeout=60)
             slides.append({"slide_id": resp.json()["slide_id"], "label": m["label"]})
-        job = httpx.post(f"{base}/v1/training-jobs", json={"slides": slides, "config": {"quick": True},
+        job = httpx.post(f"{base}/v1/training-jobs", json={"slides": slides, "config": {"quick": True, "threads": 1},
                                                            "name": "served"}, timeout=60).json()
         deadline = time.monotonic() + 300
         while (state := httpx.get(f"{base}/v1/training-jobs/{job['id']}").json())["state"] in ("queued", "running"):
