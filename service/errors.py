@@ -25,6 +25,8 @@ __all__ = [
     "RateLimited",
     "UploadTimeout",
     "JobLost",
+    "ArchiveNotFound",
+    "ArchiveUnavailable",
 ]
 
 
@@ -102,3 +104,11 @@ class UploadTimeout(ServiceError):
 
 class JobLost(ServiceError):
     """The job's files exist but Redis has no record of it (Redis restarted without persistence)."""
+
+
+class ArchiveNotFound(NotFoundError):
+    """The DICOMweb archive answered, but has no such study or series."""
+
+
+class ArchiveUnavailable(ServiceError):
+    """A DICOMweb archive could not be reached, refused the credentials or failed (the reason is in the message)."""

@@ -83,6 +83,17 @@ class Settings(BaseSettings):
                                                  "beyond it the upload is refused (415) and the child killed")
     inspect_memory_mb: int = Field(default=4096, ge=0,
                                    description="address-space limit of that child in MiB; 0: no limit")
+    # DICOMweb archives (docs/dicom.md)
+    dicomweb_allowed_urls: str = Field(default="", description=(
+        "comma-separated base URLs of the DICOMweb archives jobs may read slides from and results may be stored "
+        "to (e.g. http://pacs:8042/dicom-web); empty: none"))
+    dicomweb_auth: str = Field(default="", repr=False, description=(
+        "credentials sent to those archives: 'bearer:<token>' or 'basic:<user>:<password>'; empty: none"))
+    dicomweb_store_url: str = Field(default="", description=(
+        "archive that POST /v1/jobs/{id}/dicom/store sends to when the job's slide did not come from one "
+        "(must be allowed too); empty: such jobs must name one"))
+    dicomweb_timeout_s: float = Field(default=60.0, gt=0, le=3600,
+                                      description="longest wait for one answer (or one chunk of it) of an archive")
 
     @field_validator("redis_prefix")
     @classmethod
@@ -101,6 +112,15 @@ class Settings(BaseSettings):
                     "print(secrets.token_urlsafe(32))'`"
                 )
         return self
+
+    @field_validator("dicomweb_auth")
+    @classmethod
+    def _check_dicomweb_auth(cls, value: str) -> str:
+        kind, _, rest = value.partition(":")
+        if value and not ((kind == "bearer" and rest) or (kind == "basic" and ":" in rest)):
+            raise ValueError("PIXELCAM_DICOMWEB_AUTH must be 'bearer:<token>' or 'basic:<user>:<password>' "
+                             "(or empty for none)")
+        return value
 
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:
@@ -146,6 +166,11 @@ class Settings(BaseSettings):
     def admin_key_list(self) -> list[str]:
         """Keys allowed to change the models directory; empty: every key."""
         return _split(self.admin_keys)
+
+    @property
+    def dicomweb_allowed_list(self) -> list[str]:
+        """Base URLs of the DICOMweb archives that may be used (no trailing slash); empty: none."""
+        return [url.rstrip("/") for url in _split(self.dicomweb_allowed_urls)]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
 from service.api.metrics import HttpMetrics, QueueCollector, http_histogram
-from service.api.routes import health, jobs, models, results, slides, tiles, training, viewer
+from service.api.routes import dicom, health, jobs, models, results, slides, tiles, training, viewer
 from service.api.security import SecurityMiddleware, authorize, install_log_redaction, is_open_path
 from service.jobs.queue import JobQueue, connect
 from service.jobs.storage import ModelRegistry, SlideStore
@@ -46,6 +46,7 @@ _STATUS: list[tuple[type[errors.ServiceError], int]] = [
     (errors.JobConflict, 409),
     (errors.ResultNotReady, 409),
     (errors.QueueUnavailable, 503),
+    (errors.ArchiveUnavailable, 502),
 ]
 
 
@@ -138,8 +139,8 @@ def create_app(settings: Settings) -> FastAPI:
     _add_error_handlers(app)
 
     # tiles first: `/v1/slides/{id}.dzi` would otherwise match `/v1/slides/{slide_id}`
-    for router in (tiles.router, viewer.router, slides.router, jobs.router, results.router, models.router,
-                   training.router, health.router):
+    for router in (tiles.router, viewer.router, slides.router, jobs.router, results.router, dicom.router,
+                   models.router, training.router, health.router):
         app.include_router(router)
     _document_security(app, keys_required=bool(settings.api_key_list))
     return app

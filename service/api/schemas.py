@@ -20,6 +20,9 @@ __all__ = [
     "SlidePublic",
     "AnalysisOptionsIn",
     "JobCreate",
+    "DicomwebRefIn",
+    "DicomStoreIn",
+    "DicomStorePublic",
     "MPP_FIELD",
     "JobPublic",
     "JobsPublic",
@@ -82,16 +85,65 @@ MPP_FIELD: Any = Field(None, ge=MPP_RANGE[0], le=MPP_RANGE[1],
                        description="override the slide's microns per level-0 pixel")
 
 
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # a DICOM UID: digits and dots, at most 64 characters
+
+
+class DicomwebRefIn(BaseModel):
+    """A slide in a DICOMweb archive: the series of its pyramid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2000, pattern=r"^https?://[^\s]+$", description=(
+        "the archive's DICOMweb base URL (e.g. http://pacs:8042/dicom-web); it must lie under one of the "
+        "server's PIXELCAM_DICOMWEB_ALLOWED_URLS; credentials come from the server's settings, never from here"))
+    study_uid: str = Field(max_length=64, pattern=UID_PATTERN, description="Study Instance UID")
+    series_uid: str = Field(max_length=64, pattern=UID_PATTERN, description="Series Instance UID of the slide")
+
+
 class JobCreate(BaseModel):
-    """A request to analyse an uploaded slide."""
+    """A request to analyse a slide: an uploaded one (`slide_id`) or one in a DICOMweb archive (`dicomweb`)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    slide_id: str = Field(description="id returned by POST /v1/slides")
+    slide_id: str | None = Field(None, description="id returned by POST /v1/slides (or give `dicomweb`)")
+    dicomweb: DicomwebRefIn | None = Field(None, description=(
+        "a DICOMweb series instead of `slide_id`: imported once into the slide store over WADO-RS "
+        "(docs/dicom.md)"))
     model: str | None = Field(None, description="model name from GET /v1/models; default model when absent")
     mpp: float | None = MPP_FIELD
     options: AnalysisOptionsIn = Field(  # type: ignore[valid-type]
         default_factory=AnalysisOptionsIn, description="analysis options; unknown names are refused")
+
+    @model_validator(mode="after")
+    def _one_slide(self) -> JobCreate:
+        if (self.slide_id is None) == (self.dicomweb is None):
+            raise ValueError("name the slide with exactly one of slide_id (from POST /v1/slides) or dicomweb "
+                             "({\"url\", \"study_uid\", \"series_uid\"})")
+        return self
+
+
+class DicomStoreIn(BaseModel):
+    """Where to store a job's DICOM results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, max_length=2000, pattern=r"^https?://[^\s]+$", description=(
+        "DICOMweb base URL to STOW-RS to (an allowed one); default: the archive the slide came from, else "
+        "PIXELCAM_DICOMWEB_STORE_URL"))
+    downsample: int | None = Field(None, ge=1, le=1024, description=(
+        "level-0 pixels per pixel of the segmentation's base level; default the largest power of 2 within a "
+        "heatmap cell"))
+
+
+class DicomStorePublic(BaseModel):
+    """What the archive took."""
+
+    url: str = Field(description="the archive the objects were sent to")
+    study_uid: str = Field(description="the study they belong to (the source slide's, or a new one)")
+    new_study: bool = Field(description="true when the slide was not DICOM: the objects start a new study and "
+                                        "frame of reference")
+    stored: list[str] = Field(description="SOP Instance UIDs the archive confirmed")
+    series: dict[str, str] = Field(description="Series Instance UID per kind: segmentation, annotations, report")
 
 
 class JobPublic(BaseModel):

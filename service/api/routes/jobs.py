@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from service import constants
 from service.analysis.plan import WORKER_OPTION_KEYS, AnalysisOptions
 from service.api.deps import ModelsDep, QueueDep, SettingsDep, SlideStoreDep
+from service.api.routes.dicom import resolve_slide_reference
 from service.api.routes.slides import receive_slide
 from service.api.routes.tiles import TileState, TileStateDep, forget_cached
 from service.api.schemas import (
@@ -97,7 +98,8 @@ def job_public(record: dict[str, str], workers: dict[str, int] | None = None) ->
              "cancel": f"/v1/jobs/{job_id}/cancel", "slide": f"/v1/slides/{record['slide_id']}"}
     if state == constants.STATE_DONE:
         links.update(result=f"/v1/jobs/{job_id}/result", geojson=f"/v1/jobs/{job_id}/geojson",
-                     heatmap_png=f"/v1/jobs/{job_id}/heatmap.png", heatmap_tif=f"/v1/jobs/{job_id}/heatmap.tif")
+                     heatmap_png=f"/v1/jobs/{job_id}/heatmap.png", heatmap_tif=f"/v1/jobs/{job_id}/heatmap.tif",
+                     dicom=f"/v1/jobs/{job_id}/dicom")
     return JobPublic(
         job_id=job_id, slide_id=record["slide_id"], model=record.get("model", ""),
         model_sha256=record.get("model_sha256", ""), state=state, tiles_done=done,
@@ -132,6 +134,8 @@ def submit_job(queue: JobQueue, slides: SlideStore, models: ModelRegistry, body:
 
     With API keys the key's id is hashed in too: each key has its own jobs, even on the same slide.
     """
+    if body.slide_id is None:
+        raise InvalidRequest("the job names no stored slide; resolve its dicomweb reference first")
     if not owns_slide(queue, who, body.slide_id):
         raise SlideNotFound(f"no slide {body.slide_id}; upload it with POST /v1/slides")
     slide = slide or slides.get(body.slide_id)
@@ -172,10 +176,13 @@ def _respond(response: Response, record: dict[str, str], created: bool) -> JobPu
     return job_public(record)
 
 
-@router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses={**_ERRORS, **_SAME_JOB})
+@router.post("/v1/jobs", response_model=JobPublic, status_code=202, responses={
+    **_ERRORS, **_SAME_JOB, 403: {"model": ErrorPublic}, 502: {"model": ErrorPublic}})
 def create_job(body: JobCreate, request: Request, response: Response, queue: QueueDep, slides: SlideStoreDep,
                models: ModelsDep, settings: SettingsDep) -> JobPublic:
-    """Analyse an uploaded slide; the same slide, model and parameters return the existing job."""
+    """Analyse an uploaded slide, or a DICOMweb series (imported once over WADO-RS from an allowed archive); the
+    same slide, model and parameters return the existing job."""
+    body = resolve_slide_reference(body, request, queue, slides, settings)
     record, created = submit_job(queue, slides, models, body, settings.jobs_dir, who=principal_of(request),
                                  max_active=settings.max_active_jobs_per_key)
     return _respond(response, record, created)
