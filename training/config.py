@@ -91,6 +91,11 @@ class TrainConfig:
     pixel_lambda: float = 1.0
     low_res: bool = False
     seed_classes: tuple[str, ...] = ()  # image classes whose CAMs give seeds; empty = every class
+    # which stage-3 checkpoint is evaluated and exported: "localization" (best valpx PxAP, the paper) or
+    # "balanced" (best valpx PxAP among the epochs whose valcl accuracy is within balanced_margin points of the
+    # stage's best: the slide call of the exported model matters as much as its map)
+    export_select: str = "localization"
+    balanced_margin: float = 2.0
     # run
     seed: int = 0
     threads: int = 2
@@ -155,6 +160,8 @@ class TrainConfig:
             raise ConfigError(f"seed_classes {unknown_seed} are not in class_names {list(self.class_names)}")
         if not 0 < self.bg_area_frac <= 1:
             raise ConfigError(f"bg_area_frac must be in (0, 1], got {self.bg_area_frac}")
+        if self.export_select not in ("localization", "balanced"):
+            raise ConfigError(f"export_select must be 'localization' or 'balanced', got {self.export_select!r}")
         if not self.fg_power > 0:
             raise ConfigError(f"fg_power must be > 0, got {self.fg_power}")
 

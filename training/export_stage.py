@@ -22,7 +22,7 @@ from training.metrics import THRESHOLDS
 from training.report import fmt, read_report, write_report
 from training.slide_data import annotation_names
 from training.slide_eval import evaluate_as_slides, evaluate_slide_entries
-from training.stages import RunContext, StageError
+from training.stages import RunContext, StageError, export_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,11 @@ def _slide_path_scores(ctx: RunContext, predictor: Predictor) -> dict[str, Any]:
 
 
 def run_export(ctx: RunContext) -> dict[str, Any]:
-    """Export pixelcam/best_localization.pt, run onnx checks and torch-vs-onnxruntime parity, copy if asked."""
+    """Export the stage-3 checkpoint (best_localization.pt, or best_balanced.pt with export_select balanced), run
+    onnx checks and torch-vs-onnxruntime parity, copy if asked."""
     t0 = time.perf_counter()
     cfg = ctx.cfg
-    ckpt = ctx.run_dir / "pixelcam" / "best_localization.pt"
+    ckpt = export_checkpoint(ctx)
     if not ckpt.is_file():
         raise StageError(f"{ckpt} not found: run --stage pixelcam first (same --run-dir)")
     model, mcfg, payload = load_checkpoint(ckpt)
@@ -115,7 +116,9 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
                     f"(split seed {cfg.seed}) resampled to {cfg.input_mpp} µm/px"),
         "train_config_sha256": cfg.sha256(),
         "metrics": _metrics(ctx),
-        "checkpoint": {"stage": "pixelcam", "selection": "best_localization (valpx PxAP)",
+        "checkpoint": {"stage": "pixelcam", "selection": (
+                           f"best_balanced (valpx PxAP within {cfg.balanced_margin} points of the best valcl accuracy)"
+                           if cfg.export_select == "balanced" else "best_localization (valpx PxAP)"),
                        "epoch": payload.get("extra", {}).get("row", {}).get("epoch")},
         "trained_from": (f"fine-tuned from {cfg.init_from}" if cfg.init_from
                          else cfg.pretrained or "scratch (no pretrained weights)"),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from training.config import TrainConfig, resolve_config, save_config
+from training.export_stage import run_export  # at start: a run never mixes code versions (edited mid-run)
 from training.progress import RunProgress
 from training.stages import (
     apply_init_from,
@@ -90,8 +91,6 @@ def run_stages(cfg: TrainConfig, stages: tuple[str, ...], progress: RunProgress)
         elif stage == "evaluate":
             run_evaluate(ctx)
         elif stage == "export":
-            from training.export_stage import run_export
-
             run_export(ctx)
     logger.info("done in %.1f s; stage wall times %s", time.perf_counter() - t0, stage_wall_times(ctx.run_dir))
 

@@ -366,6 +366,7 @@ def _train(ctx: RunContext, stage: str, *, init: Path | None, cams: dict[str, np
         "best_classification_epoch": state.best_acc_epoch,
         "best_valcl_acc": state.best_acc,
         "best_localization_epoch": state.best_pxap_epoch,
+        "best_balanced_epoch": state.best_balanced_epoch,
         "best_valpx_pxap": state.best_pxap,
         "history": state.history,
     }
@@ -461,6 +462,12 @@ def _row(name: str, r: dict[str, Any]) -> list[Any]:
             r["valpx"].get("pxap"), r["valcl"]["accuracy"]]
 
 
+def export_checkpoint(ctx: RunContext) -> Path:
+    """The stage-3 checkpoint the run evaluates as PixelCAM and exports (`export_select`)."""
+    name = "best_balanced.pt" if ctx.cfg.export_select == "balanced" else "best_localization.pt"
+    return ctx.run_dir / "pixelcam" / name
+
+
 def run_evaluate(ctx: RunContext) -> dict[str, Any]:
     """The acceptance table: baseline vs PixelCAM (best_localization checkpoints) on the test split.
 
@@ -470,7 +477,7 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
     rd, cam = ctx.run_dir, ctx.cfg.cam_method
     results = {
         "baseline": evaluate_checkpoint(ctx, rd / "baseline" / "best_localization.pt", cam),
-        "pixelcam": evaluate_checkpoint(ctx, rd / "pixelcam" / "best_localization.pt", "pixel"),
+        "pixelcam": evaluate_checkpoint(ctx, export_checkpoint(ctx), "pixel"),
     }
     extra = {
         "baseline_best_classification": evaluate_checkpoint(ctx, rd / "baseline" / "best_classification.pt", cam),

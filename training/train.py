@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class StageState:
     best_pxap: float = -1.0
     best_acc_epoch: int = -1
     best_pxap_epoch: int = -1
+    best_balanced_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
     train_images: int = 0
     train_time_s: float = 0.0
@@ -194,6 +196,9 @@ def train_stage(
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
             row.update(_validate(model, valcl, valpx_names, mode))
             _keep_best(model, mcfg, cfg, state, row, out_dir)
+            if balanced(stage, cfg):
+                save_checkpoint(out_dir / "epochs" / f"epoch{epoch + 1:03d}.pt", model, mcfg, train_config=cfg,
+                                extra={"row": row})
         state.history.append(row)
         logger.info("%s epoch %d/%d %s", stage, epoch + 1, epochs, _fmt(row))
         if progress is not None:
@@ -206,7 +211,29 @@ def train_stage(
             "state": state.to_dict(),
         }
         save_checkpoint(out_dir / "last.pt", model, mcfg, train_config=cfg, extra=extra)
+    if balanced(stage, cfg):
+        _keep_balanced(cfg, state, out_dir)
     return state
+
+
+def balanced(stage: str, cfg: TrainConfig) -> bool:
+    """Whether this stage keeps a best_balanced checkpoint (stage 3 with export_select "balanced")."""
+    return stage == "pixelcam" and cfg.export_select == "balanced"
+
+
+def _keep_balanced(cfg: TrainConfig, state: StageState, out_dir: Path) -> None:
+    """best_balanced.pt: the best valpx PxAP among the validated epochs within `balanced_margin` points of the
+    best valcl accuracy (the most accurate of them when no PxAP was measured); the per-epoch files go."""
+    rows = [r for r in state.history if "valcl_acc" in r and (out_dir / "epochs" / f"epoch{r['epoch']:03d}.pt").is_file()]
+    if rows:
+        best_acc = max(r["valcl_acc"] for r in rows)
+        near = [r for r in rows if r["valcl_acc"] >= best_acc - cfg.balanced_margin]
+        pick = max(near, key=lambda r: (-1.0 if math.isnan(r["valpx_pxap"]) else r["valpx_pxap"], r["valcl_acc"]))
+        shutil.copyfile(out_dir / "epochs" / f"epoch{pick['epoch']:03d}.pt", out_dir / "best_balanced.pt")
+        state.best_balanced_epoch = int(pick["epoch"])
+        logger.info("best_balanced: epoch %d (valcl acc %.2f within %.1f of %.2f, valpx PxAP %.2f)", pick["epoch"],
+                    pick["valcl_acc"], cfg.balanced_margin, best_acc, pick["valpx_pxap"])
+    shutil.rmtree(out_dir / "epochs", ignore_errors=True)
 
 
 def _validate(model: PixelCAM, valcl: list[Sample], valpx_names: set[str], mode: str) -> dict[str, float]:

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 TOP_K_FRACTION = 0.1
 TOP_K_MAX = 32
+# tiles below this tissue fraction are left out of the top-k when enough tiles reach it (0: every analysed tile)
+TOP_K_MIN_TISSUE = 0.0
 AGGREGATION_WHY = (
     "The positive-class probability of the slide is the mean of the top-k tile probabilities "
     f"(k = {TOP_K_FRACTION:.0%} of the analysed tiles, at least 1, at most {TOP_K_MAX}). A lesion often "
@@ -108,8 +110,13 @@ def slide_call(
     weights = np.ones(probs.shape[0]) if tissue_fraction is None else np.asarray(tissue_fraction, np.float64)
     weights = weights if weights.sum() > 0 else np.ones(probs.shape[0])
     means = (probs * weights[:, None]).sum(axis=0) / weights.sum()
-    k = top_k_for(probs.shape[0])
-    positive = float(np.sort(probs[:, positive_index])[-k:].mean())
+    candidates = probs[:, positive_index]
+    if TOP_K_MIN_TISSUE > 0 and tissue_fraction is not None:
+        rich = np.asarray(tissue_fraction, np.float64) >= TOP_K_MIN_TISSUE
+        if rich.any():
+            candidates = candidates[rich]
+    k = top_k_for(len(candidates))
+    positive = float(np.sort(candidates)[-k:].mean())
     if positive >= 0.5:
         label, probability = class_names[positive_index], positive
     else:

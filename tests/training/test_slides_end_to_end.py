@@ -117,3 +117,19 @@ def test_the_shipped_checkpoint_is_the_shipped_default_model(glas_dir: Path) -> 
     pred = Predictor(onnx, providers=["CPUExecutionProvider"]).predict(tiles)
     np.testing.assert_allclose(pred.fg_prob, torch.softmax(out.fg_logits, 1)[:, 1].numpy(), atol=1e-4)
     np.testing.assert_allclose(pred.class_probs, torch.softmax(out.class_logits, 1).numpy(), atol=1e-4)
+
+
+def test_balanced_selection_exports_an_accurate_epoch(manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "balanced"
+    assert main(["--dataset", "slides", "--manifest", str(manifest), "--quick", "--run-dir", str(out),
+                 "--pixelcam-epochs", "3", "--export-select", "balanced", "--balanced-margin", "0"]) == 0
+    report = json.loads((out / "pixelcam" / "report.json").read_text())
+    rows = [r for r in report["history"] if "valcl_acc" in r]
+    best = max(r["valcl_acc"] for r in rows)
+    chosen = next(r for r in rows if r["epoch"] == report["best_balanced_epoch"])
+    assert chosen["valcl_acc"] == best  # margin 0: only the most accurate epochs qualify
+    assert (out / "pixelcam" / "best_balanced.pt").is_file() and not (out / "pixelcam" / "epochs").exists()
+    meta = read_model_metadata(next((out / "export").glob("*.onnx")))
+    assert "best_balanced" in json.dumps(meta.to_dict())
+    evaluate = json.loads((out / "evaluate" / "report.json").read_text())
+    assert evaluate["results"]["pixelcam"]["checkpoint"].endswith("best_balanced.pt")
