@@ -18,8 +18,9 @@ Encoding, chosen so that the segmentation holds exactly the heatmap's values:
 - Annotations: one POLYGON group of the regions' outer rings in the source's total pixel matrix ((column, row),
   (0, 0) the top-left corner of the top-left pixel: result.geojson's frame plus its `l0_offset_xy`), with the area
   (µm²) and mean/max probability per region; a second group holds the rings of their holes (DICOM polygons have
-  none).
-- SR: the slide call (class, positive-class probability, top-k method) as a TID 1500 measurement report.
+  none). A slide without a positive region gets no annotation object.
+- SR: the slide call (class, positive-class probability, top-k method, tissue and positive area, region count) as
+  a TID 1500 measurement report.
 
 Planes: `l0_` level-0 slide pixels (the source's total pixel matrix), `hm_` heatmap cells, `sg_` pixels of a
 segmentation level.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +74,13 @@ class DicomResults:
     """The objects of one export, in the order they are written."""
 
     segmentations: list[Dataset]
-    annotations: Dataset
+    annotations: Dataset | None  # None when the slide has no positive region
     report: Dataset
     new_study: bool  # True when the source was a stand-in (the slide is not DICOM)
 
     @property
     def datasets(self) -> list[Dataset]:
-        return [*self.segmentations, self.annotations, self.report]
+        return [*self.segmentations, *([self.annotations] if self.annotations is not None else []), self.report]
 
 
 def default_downsample(hm_downsample: float) -> int:
@@ -96,7 +98,10 @@ def source_from_files(paths: Sequence[Path]) -> Dataset:
     best: tuple[int, Dataset] | None = None
     for path in paths:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with warnings.catch_warnings():  # over-long values of real scanners' files: read them as they are
+                warnings.simplefilter("ignore", UserWarning)
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                ds.get("SOPClassUID"), ds.get("ImageType"), ds.get("FrameOfReferenceUID")  # converted here
         except (pydicom.errors.InvalidDicomError, OSError) as err:
             logger.debug("skipping %s: %s", path.name, err)
             continue
@@ -135,6 +140,8 @@ def stand_in_source(*, l0_size_wh: tuple[int, int], mpp_xy: tuple[float, float],
     ds.StudyTime = ""
     ds.ReferringPhysicianName = ""
     ds.ContainerIdentifier = slide_name[:64] or slide_sha256[:16]
+    ds.IssuerOfTheContainerIdentifierSequence = []
+    ds.ContainerTypeCodeSequence = []
     specimen = Dataset()
     specimen.SpecimenIdentifier = ds.ContainerIdentifier
     specimen.SpecimenUID = _uid(slide_sha256, "specimen")
@@ -252,7 +259,8 @@ def _segmentations(source: Dataset, result: dict[str, Any], cells: np.ndarray, d
     out = []
     for k, (prob, analysed) in enumerate(_levels(base)):
         factor = downsample * 2**k
-        stack = np.stack([prob, analysed], axis=-1).astype(np.float32)[np.newaxis]
+        # float sums may pass 1 by an ulp; highdicom takes [0, 1] only
+        stack = np.clip(np.stack([prob, analysed], axis=-1), 0.0, 1.0).astype(np.float32)[np.newaxis]
         seg = hd.seg.Segmentation(
             source_images=[source], pixel_array=stack,
             segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL, segment_descriptions=descriptions,
@@ -293,7 +301,7 @@ def _ring_points(ring: list[list[float]], offset: tuple[float, float]) -> np.nda
 
 
 def _annotations(source: Dataset, result: dict[str, Any], geojson: dict[str, Any], seed: str, fg_name: str,
-                 algorithm: hd.AlgorithmIdentificationSequence) -> Dataset:
+                 algorithm: hd.AlgorithmIdentificationSequence) -> Dataset | None:
     offset = tuple(float(v) for v in geojson.get("metadata", {}).get("frame", {}).get("l0_offset_xy", [0, 0]))
     polygons: list[np.ndarray] = []
     holes: list[np.ndarray] = []
@@ -336,13 +344,8 @@ def _annotations(source: Dataset, result: dict[str, Any], geojson: dict[str, Any
             graphic_type=hd.ann.GraphicTypeValues.POLYGON, graphic_data=holes,
             algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, description="holes of the positive regions"))
-    if not groups:  # highdicom needs a group; a region-free slide says so with no annotations in it
-        groups.append(hd.ann.AnnotationGroup(
-            number=1, uid=_uid(seed, "ann-group", 1), label=f"{fg_name} regions"[:64],
-            annotated_property_category=category, annotated_property_type=prop,
-            graphic_type=hd.ann.GraphicTypeValues.POINT, graphic_data=[],
-            algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, description="no positive region"))
+    if not groups:  # no positive region: no annotation object (a group must hold annotations); the SR says 0
+        return None
     return hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[source], annotation_coordinate_type=hd.ann.AnnotationCoordinateTypeValues.SCOORD,
         annotation_groups=groups, series_instance_uid=_uid(seed, "ann-series"), series_number=902,
@@ -369,8 +372,9 @@ def _report(source: Dataset, result: dict[str, Any], seed: str, model_name: str,
             qualifier=None, algorithm_id=algorithm,
             method=Code("TOPK-MEAN", PIXELCAM_SCHEME, f"Mean of the top-{agg.get('k', 'k')} tile probabilities"[:64]),
             derivation=None))
-    for name, key, unit in (("Tissue area", "tissue_area_mm2", Code("mm2", "UCUM", "square millimeter")),
-                            ("Positive area", "positive_area_mm2", Code("mm2", "UCUM", "square millimeter"))):
+    mm2 = Code("mm2", "UCUM", "square millimeter")
+    for name, key, unit in (("Tissue area", "tissue_area_mm2", mm2), ("Positive area", "positive_area_mm2", mm2),
+                            ("Positive regions", "regions", Code("{regions}", "UCUM", "regions"))):
         value = (result.get("evidence") or {}).get(key)
         if value is not None:
             measurements.append(hd.sr.Measurement(name=Code(key.upper()[:16], PIXELCAM_SCHEME, name), value=float(value),
@@ -421,7 +425,8 @@ def build_dicom_results(job_folder: Path, source: Dataset, *, seed: str, downsam
 
 def write_dicom_results(results: DicomResults, out_dir: Path) -> list[Path]:
     """Write each object as a DICOM file (`seg-<level>.dcm`, `ann.dcm`, `sr.dcm`) into an existing folder."""
-    names = [f"seg-{k}.dcm" for k in range(len(results.segmentations))] + ["ann.dcm", "sr.dcm"]
+    names = [f"seg-{k}.dcm" for k in range(len(results.segmentations))]
+    names += (["ann.dcm"] if results.annotations is not None else []) + ["sr.dcm"]
     paths = []
     for name, ds in zip(names, results.datasets, strict=True):
         path = Path(out_dir) / name
