@@ -105,8 +105,8 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    slide_id: str | None = Field(None, description="id returned by POST /v1/slides (or give `dicomweb`)")
-    dicomweb: DicomwebRefIn | None = Field(None, description=(
+    slide_id: str | None = Field(default=None, description="id returned by POST /v1/slides (or give `dicomweb`)")
+    dicomweb: DicomwebRefIn | None = Field(default=None, description=(
         "a DICOMweb series instead of `slide_id`: imported once into the slide store over WADO-RS "
         "(docs/dicom.md)"))
     model: str | None = Field(None, description="model name from GET /v1/models; default model when absent")
@@ -127,10 +127,10 @@ class DicomStoreIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, max_length=2000, pattern=r"^https?://[^\s]+$", description=(
+    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^\s]+$", description=(
         "DICOMweb base URL to STOW-RS to (an allowed one); default: the archive the slide came from, else "
         "PIXELCAM_DICOMWEB_STORE_URL"))
-    downsample: int | None = Field(None, ge=1, le=1024, description=(
+    downsample: int | None = Field(default=None, ge=1, le=1024, description=(
         "level-0 pixels per pixel of the segmentation's base level; default the largest power of 2 within a "
         "heatmap cell"))
 

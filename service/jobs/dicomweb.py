@@ -143,7 +143,7 @@ def _write_instance(ds: Dataset, folder: Path) -> tuple[Path, str, int]:
     return path, digest.hexdigest(), path.stat().st_size
 
 
-def _level0(files: list[tuple[Path, Dataset]]) -> tuple[Path, Dataset]:
+def _level0(files: Sequence[tuple[Path, Dataset]]) -> tuple[Path, Dataset]:
     """The VOLUME image with the largest total pixel matrix: the file the slide store names."""
     volumes = [(p, d) for p, d in files
                if d.get("SOPClassUID") == _WSI and "VOLUME" in [str(v).upper() for v in d.get("ImageType", [])]]

@@ -256,7 +256,7 @@ def _segmentations(source: Dataset, result: dict[str, Any], cells: np.ndarray, d
     ]
     base = _resample(cells, (sg_w, sg_h), float(downsample), hm_downsample)
     series_uid, pyramid_uid = _uid(seed, "seg-series"), _uid(seed, "seg-pyramid")
-    out = []
+    out: list[Dataset] = []
     for k, (prob, analysed) in enumerate(_levels(base)):
         factor = downsample * 2**k
         # float sums may pass 1 by an ulp; highdicom takes [0, 1] only

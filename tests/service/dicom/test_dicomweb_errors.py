@@ -54,6 +54,16 @@ def _leftovers(settings: Settings) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
+def test_openapi_shows_the_reference_and_the_dicom_routes(closed_client: TestClient) -> None:
+    doc = closed_client.get("/openapi.json").json()
+    assert {"get"} <= set(doc["paths"]["/v1/jobs/{job_id}/dicom"])
+    assert "application/zip" in doc["paths"]["/v1/jobs/{job_id}/dicom"]["get"]["responses"]["200"]["content"]
+    assert {"post"} <= set(doc["paths"]["/v1/jobs/{job_id}/dicom/store"])
+    ref = doc["components"]["schemas"]["DicomwebRefIn"]
+    assert set(ref["required"]) == {"url", "study_uid", "series_uid"}
+    assert "dicomweb" in doc["components"]["schemas"]["JobCreate"]["properties"]
+
+
 def test_an_archive_not_allowed_is_refused_before_any_request(closed_client: TestClient, settings: Settings) -> None:
     resp = closed_client.post("/v1/jobs", json=_ref("http://127.0.0.1:1/dicom-web"))
     assert resp.status_code == 403, resp.text
