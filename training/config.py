@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from model.config import ENCODER_NAMES
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("baseline", "cams", "pixelcam", "evaluate", "export", "all")
@@ -111,6 +113,8 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         self._validate_data()
+        if self.encoder_name not in ENCODER_NAMES:
+            raise ConfigError(f"unknown encoder_name {self.encoder_name!r}; choose one of {', '.join(ENCODER_NAMES)}")
         if self.encoder_name == "vit_tiny":
             raise ConfigError(
                 "training/run.py evaluates whole images with a fully convolutional encoder; vit_tiny takes only "

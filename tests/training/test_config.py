@@ -55,3 +55,13 @@ def test_pretrained_by_name_loads_the_installed_imagenet_weights() -> None:
     assert torch.equal(model.encoder.conv_head.weight, state["_conv_head.weight"])
     with pytest.raises(StageError, match="set encoder_name: efficientnet_lite0"):
         load_encoder_weights(build_model(model_config(TrainConfig())), TrainConfig(pretrained="efficientnet_lite0"))
+
+
+def test_an_unknown_encoder_is_refused_when_the_config_is_made() -> None:
+    """The service checks training jobs with make_config: a bad encoder must be a 422 there, not a failed run."""
+    from training.config import ConfigError, make_config
+
+    with pytest.raises(ConfigError, match="unknown encoder_name 'foo'"):
+        make_config({"encoder_name": "foo"})
+    with pytest.raises(ConfigError, match="epochs must be an integer"):
+        make_config({"epochs": "five"})
