@@ -38,13 +38,16 @@ logger = logging.getLogger(__name__)
 
 TOP_K_FRACTION = 0.1
 TOP_K_MAX = 32
-# tiles below this tissue fraction are left out of the top-k when enough tiles reach it (0: every analysed tile)
-TOP_K_MIN_TISSUE = 0.0
+# tiles below this tissue fraction are left out of the top-k when any tile reaches it (0: every analysed tile):
+# a tile that is mostly glass carries little evidence, and a model trained on tissue-rich tiles can be confidently
+# wrong on it (docs/training.md, "The GlaS mosaics")
+TOP_K_MIN_TISSUE = 0.5
 AGGREGATION_WHY = (
     "The positive-class probability of the slide is the mean of the top-k tile probabilities "
-    f"(k = {TOP_K_FRACTION:.0%} of the analysed tiles, at least 1, at most {TOP_K_MAX}). A lesion often "
-    "occupies a small part of a slide, so a mean over all tiles dilutes it, while the single highest tile "
-    "follows one noisy or artefactual tile; a small top-k mean answers to a focus of several tiles."
+    f"(k = {TOP_K_FRACTION:.0%} of the tiles, at least 1, at most {TOP_K_MAX}, among the tiles at least "
+    f"{TOP_K_MIN_TISSUE:.0%} tissue when there are any). A lesion often occupies a small part of a slide, so a mean "
+    "over all tiles dilutes it, while the single highest tile follows one noisy or artefactual tile; a small top-k "
+    "mean answers to a focus of several tiles. Tiles that are mostly glass carry too little tissue to count."
 )
 _PACKAGES = (
     "pixelcam",

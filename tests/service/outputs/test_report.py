@@ -112,8 +112,9 @@ def test_tiles_thin_on_tissue_can_be_left_out_of_the_top_k(monkeypatch: pytest.M
 
     probs = np.array([[0.9, 0.1]] * 18 + [[0.05, 0.95]] * 2)  # two glass-edge tiles say positive
     tissue = np.array([0.9] * 18 + [0.15] * 2)
-    assert report.slide_call(probs, ["benign", "malignant"], 1, tissue).label == "malignant"  # default: all tiles
-    monkeypatch.setattr(report, "TOP_K_MIN_TISSUE", 0.5)
+    monkeypatch.setattr(report, "TOP_K_MIN_TISSUE", 0.0)  # every tile counts: the two glass-edge tiles decide
+    assert report.slide_call(probs, ["benign", "malignant"], 1, tissue).label == "malignant"
+    monkeypatch.setattr(report, "TOP_K_MIN_TISSUE", 0.5)  # the default
     call = report.slide_call(probs, ["benign", "malignant"], 1, tissue)
     assert call.label == "benign" and call.positive_probability == pytest.approx(0.1)
     few = report.slide_call(probs[-2:], ["benign", "malignant"], 1, tissue[-2:])  # none rich: every tile counts
