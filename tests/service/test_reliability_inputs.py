@@ -233,8 +233,29 @@ def _get(host: str, port: int, path: str) -> tuple[int, float]:
     t0 = time.monotonic()
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        head = sock.recv(65536).split(b"\r\n", 1)[0]
-    return int(head.split()[1]), time.monotonic() - t0
+        status, _ = _read_reply(sock)
+    return status, time.monotonic() - t0
+
+
+def _read_reply(sock: socket.socket) -> tuple[int, dict]:
+    """One HTTP reply off a raw socket: the head and a JSON body may come in separate segments, so read until the
+    body's Content-Length is in (or the server closes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(fields.get("content-length", "-1"))
+    while length < 0 or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), json.loads(body)
 
 
 def test_a_trickling_upload_blocks_no_one_and_is_dropped_when_idle(live_server: tuple[str, int, Settings]) -> None:
@@ -248,10 +269,8 @@ def test_a_trickling_upload_blocks_no_one_and_is_dropped_when_idle(live_server: 
         assert _get(host, port, "/v1/jobs")[0] == 200
         time.sleep(0.2)
     assert any(p.name.startswith(".upload-") for p in settings.slides_dir.iterdir())  # in progress
-    reply = slow.recv(65536)  # the client stops sending: after PIXELCAM_UPLOAD_IDLE_TIMEOUT_S it is dropped
+    status, body = _read_reply(slow)  # the client stops sending: after PIXELCAM_UPLOAD_IDLE_TIMEOUT_S it is dropped
     slow.close()
-    status = int(reply.split(b"\r\n", 1)[0].split()[1])
-    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
     assert status == 408 and body["error"] == "UploadTimeout" and "PIXELCAM_UPLOAD_IDLE_TIMEOUT_S" in body["detail"]
     assert list(settings.slides_dir.iterdir()) == []  # the partial file is gone
     assert _get(host, port, "/healthz")[0] == 200
